@@ -1,0 +1,1 @@
+"""Flax NNX models (NHWC) mirroring diffusers/transformers classes."""
