@@ -1,0 +1,101 @@
+"""Sampling time grids: decreasing arrays of num_steps + 1 times from t_start to t_end.
+
+Default t_end = 0 (clean data), the convention of diffusers and k-diffusion: num_steps points are
+spaced between t_start and the schedule's t_min in the grid's own space, and a final step goes to
+t = 0 (sigma = 0). With t_end > 0 (DPM-Solver's convention, e.g. t_end = schedule.t_min), all
+num_steps + 1 points are spaced between t_start and t_end.
+
+    uniform_t   uniform in t                                  (DPM-Solver "time_uniform")
+    linspace    uniform in t, on the table for discrete schedules  (diffusers "linspace")
+    leading     diffusers "leading" timestep spacing (discrete schedules)
+    trailing    diffusers "trailing" timestep spacing, Lin et al. 2024 (discrete schedules)
+    logsnr      uniform in lambda = log(alpha / sigma)         (Lu et al. 2022)
+    quadratic   uniform in sqrt(t)                              (DPM-Solver "time_quadratic")
+    karras      sigma/alpha spaced with exponent rho (Karras et al. 2022, eq. 5; rho = 7)
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion.schedules import Schedule
+
+
+def _spaced(schedule, name, n, t0, t1, rho):
+    """n points (n >= 1) from t0 down to t1 in the grid's space, as a float64 numpy array."""
+    if n == 1:
+        return np.array([t0])
+    if name in ("uniform_t", "linspace"):
+        return np.linspace(t0, t1, n)
+    if name == "quadratic":
+        return np.linspace(np.sqrt(t0), np.sqrt(t1), n) ** 2
+    if name == "logsnr":
+        lam = np.linspace(float(schedule.logsnr(t0)), float(schedule.logsnr(t1)), n)
+        return np.asarray(schedule.t_from_logsnr(jnp.asarray(lam)), np.float64)
+    if name == "karras":
+        s0 = float(jnp.exp(-schedule.logsnr(t0))) ** (1.0 / rho)
+        s1 = float(jnp.exp(-schedule.logsnr(t1))) ** (1.0 / rho)
+        sig = np.linspace(s0, s1, n) ** rho
+        return np.asarray(schedule.t_from_sigma_ratio(jnp.asarray(sig)), np.float64)
+    raise AssertionError(name)
+
+
+def _diffusers_timesteps(name, num_steps, n_train, steps_offset):
+    """diffusers' integer timesteps (DDIMScheduler.set_timesteps), decreasing."""
+    if name == "linspace":
+        return np.linspace(0, n_train - 1, num_steps).round()[::-1]
+    if name == "leading":
+        ratio = n_train // num_steps
+        return (np.arange(num_steps) * ratio).round()[::-1] + steps_offset
+    ratio = n_train / num_steps  # trailing
+    return np.round(np.arange(n_train, 0, -ratio)) - 1
+
+
+GRIDS = ("uniform_t", "linspace", "leading", "trailing", "logsnr", "quadratic", "karras")
+
+
+def time_grid(
+    schedule: Schedule,
+    name: str,
+    num_steps: int,
+    *,
+    t_start: float | None = None,
+    t_end: float = 0.0,
+    rho: float = 7.0,
+    steps_offset: int = 0,
+):
+    """The (num_steps + 1,) decreasing float32/64 grid of the given name (see module docstring)."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; valid: {list(GRIDS)}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    t0 = float(schedule.t_max if t_start is None else t_start)
+    n_train = getattr(schedule, "num_train_timesteps", None)
+    if name in ("leading", "trailing") or (name == "linspace" and schedule.family == "vp"):
+        if n_train is None or not hasattr(schedule, "t_from_timestep"):
+            raise ValueError(f"grid {name!r} needs a discrete (DDPM-table) schedule")
+        if t_end != 0 or t_start is not None:
+            raise ValueError(f"grid {name!r} follows diffusers: no t_start, and t_end=0")
+        k = _diffusers_timesteps(name, num_steps, n_train, steps_offset)
+        ts = np.concatenate([(k + 1.0) / n_train, [0.0]])
+    elif t_end == 0:
+        ts = np.concatenate([_spaced(schedule, name, num_steps, t0, schedule.t_min, rho), [0.0]])
+    else:
+        ts = _spaced(schedule, name, num_steps + 1, t0, float(t_end), rho)
+    return check_grid(jnp.asarray(ts, dtype=jnp.result_type(float)))
+
+
+def check_grid(ts):
+    """Validate an explicit grid: 1-D, at least two points, strictly decreasing."""
+    ts = jnp.asarray(ts, dtype=jnp.result_type(float))
+    if ts.ndim != 1 or ts.shape[0] < 2:
+        raise ValueError(f"grid must be 1-D with >= 2 times, got shape {ts.shape}")
+    diffs = np.diff(np.asarray(ts))
+    if not np.all(diffs < 0):
+        bad = int(np.argmax(diffs >= 0))
+        raise ValueError(
+            f"grid must be strictly decreasing (noise -> data); ts[{bad}]={float(ts[bad])} "
+            f"<= ts[{bad + 1}]={float(ts[bad + 1])}"
+        )
+    return ts

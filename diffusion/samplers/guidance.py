@@ -1,0 +1,1 @@
+"""Placeholder: classifier-free guidance (filled in by a sampler helper)."""
