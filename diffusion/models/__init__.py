@@ -1,1 +1,197 @@
-"""Flax NNX models (NHWC) mirroring diffusers/transformers classes."""
+"""Flax NNX models (NHWC) mirroring diffusers/transformers classes, and diffusers-folder I/O.
+
+``MODELS`` maps the diffusers ``_class_name`` / transformers ``architectures[0]`` of a
+config.json to ``(module class, config class)``. ``load_diffusers(path)`` reads a diffusers or
+transformers folder (config.json + safetensors, single file or sharded) into our module;
+``save_diffusers(model, path)`` writes one that ``<Class>.from_pretrained(path)`` loads.
+
+``MODELS`` is built on first access (PEP 562 ``__getattr__``) so that importing
+``diffusion.models.layers`` or ``.convert`` does not import every model file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffusion.models import convert
+from diffusion.models.presets import class_name
+
+# diffusers names the files diffusion_pytorch_model*.safetensors, transformers model*.safetensors.
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+_TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+@functools.cache
+def _registry() -> dict[str, tuple[type, type]]:
+    # Explicit list, one line per model file as it lands.
+    entries: list[tuple[type, type]] = []
+    models = {}
+    for cls, config_cls in entries:
+        for name in getattr(cls, "diffusers_classes", None) or (cls.diffusers_class,):
+            models[name] = (cls, config_cls)
+    return models
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MODELS":
+        return _registry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def get_model(name: str) -> tuple[type, type]:
+    """(module class, config class) for a diffusers/transformers class name."""
+    models = _registry()
+    if name not in models:
+        raise KeyError(f"unknown model class {name!r}; known classes: {', '.join(sorted(models))}")
+    return models[name]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _LazyTensor:
+    """A safetensors entry read only when converted (``np.asarray``); ``.shape`` is free."""
+
+    def __init__(self, handle, key: str):
+        self._handle, self._key = handle, key
+        self.shape = tuple(handle.get_slice(key).get_shape())
+
+    def __array__(self, dtype=None, copy=None):
+        array = self._handle.get_tensor(self._key)
+        return array if dtype is None else array.astype(dtype)
+
+
+def _weight_files(path: str) -> list[str]:
+    """The safetensors files of a folder: single file, or the shards listed in the index."""
+    for stem in _WEIGHT_STEMS:
+        single = os.path.join(path, f"{stem}.safetensors")
+        index = os.path.join(path, f"{stem}.safetensors.index.json")
+        if os.path.exists(single):
+            return [single]
+        if os.path.exists(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(path, s) for s in shards]
+    raise FileNotFoundError(
+        f"no {' / '.join(s + '.safetensors[.index.json]' for s in _WEIGHT_STEMS)} in {path}"
+    )
+
+
+def read_state_dict(path: str) -> dict[str, _LazyTensor]:
+    """Lazy torch state dict of a diffusers/transformers folder (tensors read on use)."""
+    from safetensors import safe_open
+
+    state = {}
+    for file in _weight_files(path):
+        handle = safe_open(file, framework="np")
+        state.update({key: _LazyTensor(handle, key) for key in handle.keys()})  # noqa: SIM118
+    return state
+
+
+def read_config(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def build_abstract(cls: type, config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32):
+    """The module with abstract parameters (``nnx.eval_shape``: no memory) and concrete
+    everything else (RNG state, constant buffers): those come from a jitted init whose
+    parameter outputs are dropped, so XLA never computes the random weights."""
+    make = lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    model = nnx.eval_shape(make)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    if jax.tree.leaves(rest):
+        nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Param)))())
+    return model
+
+
+def load_diffusers(
+    path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, strict: bool = True
+) -> nnx.Module:
+    """Read a diffusers (``_class_name``) or transformers (``architectures``) model folder.
+
+    The module is built abstractly and then filled tensor by tensor, so a full-size model is
+    held in memory once (plus one tensor). Raises ``convert.StateDictError`` naming every
+    missing / unexpected / mis-shaped tensor.
+    """
+    config_dict = read_config(path)
+    cls, config_cls = get_model(class_name(config_dict))
+    config = config_cls.from_diffusers(config_dict)
+    model = build_abstract(cls, config, dtype=dtype, param_dtype=param_dtype)
+    convert.load_torch_state_dict(model, read_state_dict(path), strict=strict)
+    return model
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy split of keys (in order) into shards of at most max_bytes (one big tensor alone)."""
+    shards, current, total = [], [], 0
+    for key, size in sizes.items():
+        if current and total + size > max_bytes:
+            shards.append(current)
+            current, total = [], 0
+        current.append(key)
+        total += size
+    return shards + [current] if current else shards
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if size.upper().endswith(unit):
+            return int(float(size[: -len(unit)]) * factor)
+    return int(size)
+
+
+def save_diffusers(model: nnx.Module, path: str, *, max_shard_size: int | str = "5GB") -> None:
+    """Write ``config.json`` (``model.config.to_diffusers()``) and PyTorch-layout safetensors
+    (sharded with an index above ``max_shard_size``), loadable by ``<Class>.from_pretrained``."""
+    from safetensors.numpy import save_file
+
+    config = model.config.to_diffusers()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    is_transformers = class_name(config) in _TRANSFORMERS_CLASSES
+    stem = _WEIGHT_STEMS[1] if is_transformers else _WEIGHT_STEMS[0]
+    abstract = convert.abstract_torch_state_dict(model)
+    sizes = {k: int(np.prod(s)) * jnp.dtype(d).itemsize for k, (s, d) in abstract.items()}
+    shards = _shards(sizes, _parse_size(max_shard_size))
+    names = (
+        [f"{stem}.safetensors"]
+        if len(shards) == 1
+        else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for keys, name in zip(shards, names):  # one shard in host memory at a time
+        tensors = convert.to_torch_state_dict(model, keys=keys)
+        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {k: n for keys, n in zip(shards, names) for k in keys},
+        }
+        with open(os.path.join(path, f"{stem}.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+
+__all__ = [
+    "MODELS",
+    "get_model",
+    "load_diffusers",
+    "save_diffusers",
+    "read_config",
+    "read_state_dict",
+    "build_abstract",
+]

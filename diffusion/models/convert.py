@@ -155,8 +155,8 @@ def load_torch_state_dict(
         var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
 
 
-def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The module's variables as a PyTorch-layout state dict of numpy arrays (inverse of load).
+def _torch_items(model: nnx.Module) -> Iterator[tuple[str, str, nnx.Variable]]:
+    """(checkpoint key, our leaf name, variable) for everything ``to_torch_state_dict`` writes.
 
     Keys go through the model's optional ``torch_key_unmap``; keys that ``torch_key_map``
     would drop (non-persistent buffers) are left out.
@@ -164,24 +164,36 @@ def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     cls = type(model)
     key_map = getattr(cls, "torch_key_map", None)
     key_unmap = getattr(cls, "torch_key_unmap", None)
-    out = {}
     for key, (leaf, var) in _targets(model).items():
+        if key_unmap is not None:
+            key = key_unmap(key)
+        if key_map is None or key_map(key) is not None:
+            yield key, leaf, var
+
+
+def to_torch_state_dict(model: nnx.Module, *, keys=None) -> dict[str, np.ndarray]:
+    """The module's variables as a PyTorch-layout state dict of numpy arrays (inverse of load).
+
+    ``keys`` (optional) restricts the output to those checkpoint keys, so large models can be
+    written one shard at a time.
+    """
+    wanted = None if keys is None else set(keys)
+    out = {}
+    for key, leaf, var in _torch_items(model):
+        if wanted is not None and key not in wanted:
+            continue
         value = var.get_value()
         if isinstance(value, jax.ShapeDtypeStruct):
             raise ValueError(f"{key} is abstract (model built with nnx.eval_shape, never filled)")
-        if key_unmap is not None:
-            key = key_unmap(key)
-        if key_map is not None and key_map(key) is None:
-            continue
         out[key] = np.ascontiguousarray(_ours_to_torch(leaf, np.array(value)))
     return out
 
 
 def abstract_torch_state_dict(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """torch key -> (torch-layout shape, dtype) of the module's parameters; works on abstract
-    modules from ``nnx.eval_shape`` (used to size checkpoint shards without materializing)."""
+    """Checkpoint key -> (torch-layout shape, dtype) of what ``to_torch_state_dict`` writes;
+    works on abstract modules from ``nnx.eval_shape`` (used to plan checkpoint shards)."""
     out = {}
-    for key, (leaf, var) in _targets(model).items():
+    for key, leaf, var in _torch_items(model):
         value = var.get_value()
         out[key] = (_torch_shape(leaf, tuple(value.shape)), value.dtype)
     return out
