@@ -4,7 +4,9 @@ Built-in datasets (`DATASETS`; prepared offline on first use, a few seconds each
   digits[/8x8|16x16|32x32]   scikit-learn's handwritten digits, grey (S, S, 1), label 0-9
   shapes[/32x32|64x64|tiny]  coloured shapes with captions ("a red circle above a blue square
                              on a black background"), labels for shape / colour / position
-  gmm[/d2|d8|d64|tiny]       vectors `x` from a Gaussian mixture (parameters in the metadata)
+  gmm[/gmm2d|gmm2d_separated|gaussian2d|gmm_image|d2|d8|d64|tiny]
+                             vectors `x` from a Gaussian mixture; `load_gmm(name)` gives the
+                             exact `analytic.GMM` (stored in the dataset's metadata)
 Any other name is a tfds dataset that must already be prepared as array_record in `data_dir`
 (default $TFDS_DATA_DIR, else ~/tensorflow_datasets); nothing is downloaded at run time:
   tfds build cifar10 --data_dir=$TFDS_DATA_DIR --file_format=array_record
@@ -22,7 +24,7 @@ position into an orbax checkpoint. `cache_latents` encodes a dataset once with a
 a latent dataset that the same pipeline reads.
 """
 
-from diffusion.data.builders import gmm_params, sample_gmm
+from diffusion.data.gmm import random_gmm, sample_gmm
 from diffusion.data.latents import cache_latents
 from diffusion.data.pipeline import (
     Preprocess,
@@ -33,7 +35,14 @@ from diffusion.data.pipeline import (
     preprocess_image,
     steps_per_epoch,
 )
-from diffusion.data.sources import DATASETS, default_data_dir, load_builder, load_source, prepare
+from diffusion.data.sources import (
+    DATASETS,
+    default_data_dir,
+    load_builder,
+    load_gmm,
+    load_source,
+    prepare,
+)
 
 __all__ = [
     "DATASETS",
@@ -43,12 +52,13 @@ __all__ = [
     "checkpoint_restore",
     "checkpoint_save",
     "default_data_dir",
-    "gmm_params",
     "load_builder",
+    "load_gmm",
     "load_source",
     "make_pipeline",
     "prepare",
     "preprocess_image",
+    "random_gmm",
     "sample_gmm",
     "steps_per_epoch",
 ]

@@ -1,7 +1,7 @@
 """Small built-in datasets as tfds builders that prepare offline into array_record files.
 
-`Digits` (scikit-learn's 8x8 handwritten digits) and `Gmm` (vectors from a Gaussian mixture);
-the procedural `Shapes` builder lives in shapes.py. Each builder writes with
+This file: shared helpers and `Digits` (scikit-learn's 8x8 handwritten digits); `Shapes` lives
+in shapes.py and `Gmm` in gmm.py. Each builder writes with
 `download_and_prepare(file_format="array_record")`, so `tfds.data_source` and grain can read
 the result without TensorFlow.
 
@@ -106,91 +106,3 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for i in range(start, stop):
             image = resize_uint8(images[i], self.builder_config.size)
             yield i, {"image": png_bytes(image), "label": int(digits.target[i]), "index": i}
-
-
-# ----------------------------------------------------------------------------- gmm
-
-
-@dataclasses.dataclass(eq=False)
-class GmmConfig(tfds.core.BuilderConfig):
-    dim: int = 2
-    num_components: int = 8
-    num_train: int = 65536
-    num_test: int = 8192
-    seed: int = 0
-
-
-def gmm_params(dim: int, num_components: int, seed: int) -> dict[str, np.ndarray]:
-    """Deterministic mixture parameters: weights (K,), means (K, d), covs (K, d, d).
-
-    Means ~ N(0, 2^2 I); each covariance is Q diag(s^2) Q^T with a random rotation Q and
-    standard deviations s ~ U[0.15, 0.5], so components are anisotropic but well separated in
-    low dimension. Weights ~ Dirichlet(5) (non-uniform, none tiny).
-    """
-    rng = np.random.default_rng([seed, dim, num_components])
-    weights = rng.dirichlet(np.full(num_components, 5.0))
-    means = 2.0 * rng.standard_normal((num_components, dim))
-    q, _ = np.linalg.qr(rng.standard_normal((num_components, dim, dim)))  # (K, d, d)
-    stds = rng.uniform(0.15, 0.5, size=(num_components, dim))
-    covs = np.einsum("kij,kj,klj->kil", q, stds**2, q)  # (K, d, d)
-    return {"weights": weights, "means": means, "covs": covs}
-
-
-def sample_gmm(params: dict[str, np.ndarray], n: int, rng: np.random.Generator):
-    """Draw n samples; returns (x (n, d) float32, component (n,) int64)."""
-    k = rng.choice(len(params["weights"]), size=n, p=params["weights"])
-    chol = np.linalg.cholesky(params["covs"])  # (K, d, d)
-    z = rng.standard_normal((n, params["means"].shape[1]))
-    x = params["means"][k] + np.einsum("nij,nj->ni", chol[k], z)  # (n, d)
-    return x.astype(np.float32), k
-
-
-class Gmm(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Vectors from a fixed Gaussian mixture; `label` is the component index.
-
-    The mixture (see `gmm_params`) is stored in the dataset's metadata (weights, means, covs),
-    so exact-density metrics can be computed from the prepared data alone.
-    """
-
-    name = "gmm"
-    code_path = None  # see NO_CODE_PATH in builders.py
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [
-        GmmConfig(name="d2", dim=2, num_components=8),
-        GmmConfig(name="d8", dim=8, num_components=8),
-        GmmConfig(name="d64", dim=64, num_components=16),
-        GmmConfig(name="tiny", dim=2, num_components=4, num_train=1024, num_test=256),
-    ]
-
-    def _params(self):
-        c = self.builder_config
-        return gmm_params(c.dim, c.num_components, c.seed)
-
-    def _info(self):
-        c = self.builder_config
-        params = {k: v.tolist() for k, v in self._params().items()}
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Samples from a Gaussian mixture (diffusion.data.builders.gmm_params).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "x": tfds.features.Tensor(shape=(c.dim,), dtype=np.float32),
-                    "label": tfds.features.ClassLabel(num_classes=c.num_components),
-                }
-            ),
-            supervised_keys=("x", "label"),
-            metadata=tfds.core.MetadataDict(**params),
-        )
-
-    def _split_generators(self, dl_manager):
-        c = self.builder_config
-        return {
-            "train": self._generate_examples(0, c.num_train),
-            "test": self._generate_examples(1, c.num_test),
-        }
-
-    def _generate_examples(self, split_id, n):
-        rng = np.random.default_rng([self.builder_config.seed, split_id])
-        x, k = sample_gmm(self._params(), n, rng)
-        for i in range(n):
-            yield i, {"x": x[i], "label": int(k[i])}

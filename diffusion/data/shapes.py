@@ -146,6 +146,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "radii": int2((2,)),
             "relation": tfds.features.ClassLabel(names=RELATIONS),
             "background": tfds.features.ClassLabel(names=list(BACKGROUNDS)),
+            "index": tfds.features.Scalar(dtype=np.int64),  # i in default_rng([seed, split, i])
         }
         return tfds.core.DatasetInfo(
             builder=self,
@@ -166,4 +167,4 @@ class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for i in range(n):
             ex = make_example(np.random.default_rng([c.seed, split_id, i]), c.size, c.max_shapes)
             ex["image"] = png_bytes(ex["image"])
-            yield i, ex
+            yield i, {**ex, "index": i}

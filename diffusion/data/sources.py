@@ -10,7 +10,8 @@ import os
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters, read_only_builder
 
-from diffusion.data.builders import Digits, Gmm
+from diffusion.data.builders import Digits
+from diffusion.data.gmm import Gmm, gmm_from_metadata
 from diffusion.data.shapes import Shapes
 
 # name -> tfds builder class; "name/config" picks a builder config (default: the first one).
@@ -87,3 +88,10 @@ def load_source(name: str, split: str, data_dir: str | None = None):
     if base_split not in builder.info.splits:
         raise ValueError(f"Unknown split {split!r} of {name!r}; valid: {list(builder.info.splits)}")
     return builder.as_data_source(split=split)
+
+
+def load_gmm(name: str = "gmm/gmm2d", data_dir: str | None = None):
+    """The exact `analytic.GMM` behind a prepared gmm dataset (from its metadata)."""
+    if name.partition("/")[0] != "gmm":
+        raise ValueError(f"load_gmm needs a gmm dataset such as 'gmm/d8', got {name!r}")
+    return gmm_from_metadata(load_builder(name, data_dir).info.metadata)
