@@ -79,3 +79,16 @@ def test_bad_input():
         g.ode_map(jnp.zeros((1, 2)), 0.0, 0.5, schedules.get("vp_linear"))
     with pytest.raises(ValueError, match="variances shape"):
         analytic.GMM(np.ones(1), np.zeros((1, 2)), np.ones((1, 3)), (2,))
+
+
+@pytest.mark.parametrize(
+    "sched,kw", [("vp_linear", {}), ("rectified_flow", {"shift": 3.0}), ("edm", {})]
+)
+def test_reference_ode_solution_matches_closed_form(sched, kw):
+    """scipy's adaptive solve of the PF-ODE (the benchmark's GMM reference) agrees with the
+    closed-form Gaussian map, so it can stand in as truth where no closed form exists."""
+    g, s = analytic.make_gmm("gaussian2d"), schedules.get(sched, **kw)
+    x = np.asarray(jax.random.normal(jax.random.key(4), (64, 2))) * float(s.sigma(s.t_max))
+    exact = g.ode_map(jnp.asarray(x), s.t_max, s.t_min, s)
+    ref = analytic.reference_ode_solution(g, x, s.t_max, s.t_min, s)
+    np.testing.assert_allclose(ref, exact, rtol=1e-7, atol=1e-8)

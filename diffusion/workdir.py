@@ -1,0 +1,49 @@
+"""The workdir every entry point writes (DESIGN.md section 2): config.json, metrics.jsonl (one JSON
+object per logged step or result), report.md (tables a person reads), PNG figures, checkpoints/."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def _jsonable(x):
+    if hasattr(x, "to_dict"):  # ml_collections.ConfigDict
+        return x.to_dict()
+    if hasattr(x, "tolist"):  # numpy / jax arrays and scalars
+        return x.tolist()
+    return str(x)
+
+
+class Workdir:
+    def __init__(self, path: str, config=None):
+        self.path = os.path.abspath(path)
+        os.makedirs(self.path, exist_ok=True)
+        if config is not None:
+            with open(self.file("config.json"), "w") as f:
+                json.dump(config, f, indent=2, default=_jsonable, sort_keys=True)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def log(self, **record):
+        """Append one JSON object (with a wall-clock stamp) to metrics.jsonl."""
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.file("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+
+    def write_report(self, text: str):
+        with open(self.file("report.md"), "w") as f:
+            f.write(text)
+
+
+def markdown_table(rows: list[dict], columns: list[str], floatfmt: str = ".3g") -> str:
+    """A GitHub-markdown table of rows (dicts) restricted to columns; floats formatted."""
+
+    def fmt(v):
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
