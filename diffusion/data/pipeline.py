@@ -7,12 +7,18 @@ process p of P reads a disjoint contiguous block of record indices (the last
 `len % P` records are dropped so every process has the same number of steps) and shuffles it with
 `seed` afresh each epoch.
 
+The batch sequence is a function of (seed, process_index, process_count, batch_size,
+worker_count): with worker_count > 0 grain hands records to workers round-robin and each worker
+batches its own, so batches differ from the in-process (worker_count=0) order. Restore a state
+into a loader built with the same arguments.
+
 Batches are dicts of numpy arrays:
   image   (B, H, W, C) float32 in [-1, 1] (uint8 / 127.5 - 1), resized first if image_size is set
   latent  (B, ...) float32 as stored (latent caches, see latents.py)
   x       (B, d) float32 (gmm)
   caption (B,) numpy str array
-  label and other integer features: int32 (JAX's default integer width)
+  label and other integer features: int32 (JAX's default integer width); nested feature
+  dicts (e.g. celeb_a attributes) stay nested
 """
 
 import grain
@@ -23,10 +29,28 @@ from diffusion.data.sources import load_source
 
 
 def preprocess_image(image: np.ndarray, image_size: int | None = None) -> np.ndarray:
-    """(H, W, C) uint8 -> (S, S, C) float32 in [-1, 1], PIL-bilinear resized when S differs."""
+    """(H, W, C) uint8 -> float32 in [-1, 1]; with image_size S: centre-crop to a square, then
+    PIL-bilinear resize to (S, S, C) (the usual CelebA / LSUN preprocessing)."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, C), got {image.dtype} {image.shape}")
     if image_size is not None:
-        image = resize_uint8(image, image_size)
+        h, w = image.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        image = resize_uint8(image[top : top + side, left : left + side], image_size)
     return image.astype(np.float32) / 127.5 - 1.0
+
+
+def _convert(value):
+    """Text -> str, integers -> int32, nested feature dicts recursively, the rest as numpy."""
+    if isinstance(value, dict):
+        return {k: _convert(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.integer):
+        return value.astype(np.int32)
+    return value
 
 
 class Preprocess(grain.transforms.Map):
@@ -42,14 +66,9 @@ class Preprocess(grain.transforms.Map):
             if self.keys is not None and key not in self.keys:
                 continue
             if key == "image":
-                value = preprocess_image(value, self.image_size)
-            elif isinstance(value, bytes):
-                value = value.decode("utf-8")
+                out[key] = preprocess_image(value, self.image_size)
             else:
-                value = np.asarray(value)
-                if np.issubdtype(value.dtype, np.integer):
-                    value = value.astype(np.int32)
-            out[key] = value
+                out[key] = _convert(value)
         return out
 
 
@@ -87,6 +106,8 @@ def make_pipeline(
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
     source = load_source(name, split, data_dir)
     per_process = len(source) // process_count
     if drop_remainder and per_process < batch_size:
@@ -114,6 +135,14 @@ def make_pipeline(
         worker_count=worker_count,
         read_options=grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64),
     )
+
+
+def _ensure_absl_flags_parsed():
+    """grain's worker processes read absl flags; outside absl.app.run they are never parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def steps_per_epoch(
