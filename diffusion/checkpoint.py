@@ -168,10 +168,10 @@ class Checkpointer:
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
-    def is_complete(self, step: int) -> bool:
-        """Committed (orbax wrote its marker) and has the state item."""
+    def missing_parts(self, step: int) -> list[str]:
+        """What a committed step should hold but does not (empty when complete)."""
         path = self.step_dir(step)
-        return (path / COMMIT_MARKER).exists() and (path / "state").exists()
+        return [name for name in (COMMIT_MARKER, "state") if not (path / name).exists()]
 
     def restore(self, step: int | None = None, abstract_state=None, shardings=None) -> Restored:
         """Restores `step` (default: the latest step that can be read).
@@ -189,8 +189,8 @@ class Checkpointer:
             raise FileNotFoundError(f"No checkpoints in {self.directory}")
         for s in candidates:
             try:
-                if not self.is_complete(s):
-                    raise ValueError(f"{self.step_dir(s)} is partial (no commit marker)")
+                if missing := self.missing_parts(s):
+                    raise ValueError(f"{self.step_dir(s)} is partial: missing {missing}")
                 return self._restore_step(s, target)
             except Exception as e:  # orbax/tensorstore raise many types for bad files
                 if step is not None:
