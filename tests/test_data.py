@@ -57,6 +57,16 @@ def test_digits_match_sklearn(data_dir):
         np.testing.assert_array_equal(ex["image"][..., 0], np.round(ref.images[i] * 255 / 16))
 
 
+def test_plain_tfds_reads_prepared_data_without_tensorflow(data_dir):
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    ds = tfds.data_source("shapes/tiny", data_dir=data_dir)  # tfds's own reader, from files
+    assert len(ds["train"]) == 256 and ds["test"][0]["image"].shape == (32, 32, 3)
+    assert "tensorflow" not in sys.modules  # preparing and reading never imported TensorFlow
+
+
 def test_pipeline_normalises_in_order(data_dir):
     src = data.load_source("digits", "test", data_dir)
     (batch,) = take(pipe("digits", "test", data_dir, batch_size=16, shuffle=False), 1)
