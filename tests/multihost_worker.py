@@ -126,14 +126,12 @@ def train(mesh, num_steps: int, process_slice=None):
 
 
 def flat_params(state) -> dict[str, np.ndarray]:
-    """Host copies of all params (gathers shards across processes)."""
+    """Host copies of all params (one all-gather of the whole tree across processes)."""
     from jax.experimental import multihost_utils
 
-    leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
-    return {
-        jax.tree_util.keystr(p): np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        for p, x in leaves
-    }
+    gathered = multihost_utils.process_allgather(state["params"], tiled=True)
+    leaves = jax.tree_util.tree_flatten_with_path(gathered)[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
 
 
 def main(process_id: int, num_processes: int, port: int, workdir: str, num_steps: int = 3):
@@ -142,7 +140,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, num_steps
     from diffusion.checkpoint import Checkpointer
 
     sharding.initialize_distributed(
-        f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=30
+        f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=120
     )
     assert jax.process_count() == num_processes and jax.device_count() == 8
     mesh = sharding.make_mesh({"fsdp": 8})

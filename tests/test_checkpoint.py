@@ -71,7 +71,7 @@ def test_restore_onto_other_mesh(trained, shape):
     with Checkpointer(directory) as ckpt:
         restored = ckpt.restore(2, abstract_state=target)
     _assert_bit_exact(restored.state, state)
-    kernel = restored.state["params"]["conv_in"]["kernel"].value
+    kernel = restored.state["params"]["conv_in"]["kernel"].get_value()
     assert kernel.sharding.mesh.shape == mesh.shape
     print(f"restored onto {dict(mesh.shape)}: conv_in.kernel spec {kernel.sharding.spec}")
     # Explicit shardings argument instead of shardings carried by the target.

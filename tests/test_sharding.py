@@ -75,13 +75,13 @@ def test_param_shardings_annotations_and_size(abstract):
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
     sh = sharding.param_shardings(abstract, mesh, min_size=MIN_SIZE)
     p = sh["params"]
-    assert p["fc1"]["kernel"].value.spec == P("fsdp", "tensor")  # logical annotation
-    assert p["fc2"]["kernel"].value.spec == P("tensor", "fsdp")
-    assert p["conv_in"]["kernel"].value.spec == P(None, None, None, "fsdp")  # by size
-    assert p["conv_in"]["bias"].value.spec == P()  # small: replicated
+    assert p["fc1"]["kernel"].get_value().spec == P("fsdp", "tensor")  # logical annotation
+    assert p["fc2"]["kernel"].get_value().spec == P("tensor", "fsdp")
+    assert p["conv_in"]["kernel"].get_value().spec == P(None, None, None, "fsdp")  # by size
+    assert p["conv_in"]["bias"].get_value().spec == P()  # small: replicated
     # Adam moments shard like their parameters; scalars are replicated.
     mu = sh["opt"][0].mu
-    assert mu["conv_in"]["kernel"].value.spec == P(None, None, None, "fsdp")
+    assert mu["conv_in"]["kernel"].get_value().spec == P(None, None, None, "fsdp")
     assert sh["step"].spec == P() and sh["rng"].spec == P()
 
 
