@@ -14,6 +14,7 @@ call `initialize_distributed` first and build global batches from per-process sh
 `make_global_batch`.
 """
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -161,26 +162,51 @@ def fsdp_spec(shape: Sequence[int], mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE
     return PartitionSpec()
 
 
+def _fill_fsdp(spec: PartitionSpec, shape, mesh: Mesh, min_size: int) -> PartitionSpec:
+    """Adds "fsdp" to the largest unsharded divisible dim of a big annotated param whose logical
+    names did not use it (e.g. ("mlp", None) on an fsdp-only mesh), so FSDP covers it too."""
+    n = mesh.shape["fsdp"]
+    used = {a for entry in spec for a in _as_tuple(entry)}
+    if n == 1 or "fsdp" in used or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return spec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    free = [i for i in range(len(shape)) if entries[i] is None and shape[i] % n == 0]
+    if free:
+        entries[max(free, key=lambda i: (shape[i], i))] = "fsdp"
+    return PartitionSpec(*entries)
+
+
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
 def param_shardings(
-    abstract_state, mesh: Mesh, rules=DEFAULT_RULES, min_size: int = DEFAULT_MIN_SIZE
+    abstract_state,
+    mesh: Mesh,
+    rules=DEFAULT_RULES,
+    min_size: int = DEFAULT_MIN_SIZE,
+    fsdp_fill: bool = True,
 ):
     """Shardings (same pytree structure) for a state of arrays / ShapeDtypeStructs.
 
     Leaves inside an `nnx.Variable` carrying an ``out_sharding`` annotation of logical names
-    (set by `nnx.with_partitioning`) follow `rules`; every other array uses FSDP-by-size.
-    Works for anything built from `nnx.split` states (params, EMA, optax states mirror the
-    params' Variables and metadata, so moments shard like their parameters).
+    (set by `nnx.with_partitioning` or `Variable.set_metadata`) follow `rules`; if that leaves
+    the fsdp axis unused, a big param also gets "fsdp" on its largest free divisible dim
+    (`fsdp_fill`). Every other array uses FSDP-by-size. Works for anything built from
+    `nnx.split` states (params, EMA, optax states mirror the params' Variables and metadata,
+    so moments shard like their parameters).
     """
 
     def leaf(x, names=None):
         shape = tuple(np.shape(x))
-        if names is not None and len(names) == len(shape):
-            return logical_to_sharding(names, mesh, rules, shape)
-        return NamedSharding(mesh, fsdp_spec(shape, mesh, min_size))
+        if names is None:
+            return NamedSharding(mesh, fsdp_spec(shape, mesh, min_size))
+        if len(names) != len(shape):
+            raise ValueError(f"Logical names {tuple(names)} do not match param shape {shape}")
+        spec = logical_to_spec(names, rules, mesh, shape)
+        if fsdp_fill:
+            spec = _fill_fsdp(spec, shape, mesh, min_size)
+        return NamedSharding(mesh, spec)
 
     def node(x):
         if _is_var(x):
@@ -214,6 +240,14 @@ def abstract_state(init_fn: Callable[[], Any], mesh: Mesh, shardings=None, **kw)
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=DEFAULT_RULES):
+    """Mesh + logical rules for tracing model code, so activation constraints by logical
+    name (e.g. `models.adaln.constrain`) take effect; outside it they are no-ops."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+        yield
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -85,6 +85,36 @@ def test_param_shardings_annotations_and_size(abstract):
     assert sh["step"].spec == P() and sh["rng"].spec == P()
 
 
+def test_annotated_params_fsdp_fill_and_errors():
+    """Annotated params that leave "fsdp" unused get it on their largest free dim when big."""
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "mlp"))
+    with nnx.use_eager_sharding(False):
+        lin = nnx.eval_shape(lambda: nnx.Linear(48, 64, kernel_init=init, rngs=nnx.Rngs(0)))
+    state = nnx.state(lin)
+    fsdp_only = sharding.make_mesh({"fsdp": 8})
+    spec = lambda sh: sh["kernel"].get_value().spec
+    assert spec(sharding.param_shardings(state, fsdp_only, min_size=1)) == P(None, "fsdp")
+    no_fill = sharding.param_shardings(state, fsdp_only, min_size=1, fsdp_fill=False)
+    assert spec(no_fill) == P(None, None)
+    assert spec(sharding.param_shardings(state, fsdp_only, min_size=10**6)) == P(None, None)
+    tp = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    assert spec(sharding.param_shardings(state, tp, min_size=1)) == P("fsdp", "tensor")
+    state["kernel"].set_metadata(out_sharding=("mlp",))
+    with pytest.raises(ValueError, match="do not match param shape"):
+        sharding.param_shardings(state, tp)
+
+
+def test_mesh_context_sets_mesh_and_rules():
+    from flax.core import spmd
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    assert jax.sharding.get_abstract_mesh().empty
+    with sharding.mesh_context(mesh):
+        assert dict(jax.sharding.get_abstract_mesh().shape) == dict(mesh.shape)
+        assert tuple(spmd.get_logical_axis_rules()) == sharding.DEFAULT_RULES
+    assert jax.sharding.get_abstract_mesh().empty
+
+
 def test_fsdp_shrinks_per_device_bytes():
     """A big param sharded by size takes 1/fsdp of the bytes per device; small ones do not."""
 
