@@ -1,6 +1,7 @@
 """Datasets and grain input pipelines (tfds array_record sources, no TensorFlow needed).
 
-Built-in datasets (`DATASETS`; prepared offline on first use, a few seconds each):
+Built-in datasets (`DATASETS`; prepared offline on first use, seconds to a minute; the first
+config listed is the default, e.g. "digits" = "digits/8x8"):
   digits[/8x8|16x16|32x32]   scikit-learn's handwritten digits, grey (S, S, 1), label 0-9
   shapes[/32x32|64x64|tiny]  coloured shapes with captions ("a red circle above a blue square
                              on a black background"), labels for shape / colour / position
