@@ -173,33 +173,42 @@ class Checkpointer:
         path = self.step_dir(step)
         return [name for name in (COMMIT_MARKER, "state") if not (path / name).exists()]
 
-    def restore(self, step: int | None = None, abstract_state=None, shardings=None) -> Restored:
+    def restore(
+        self, step: int | None = None, abstract_state=None, shardings=None, quarantine_bad=False
+    ) -> Restored:
         """Restores `step` (default: the latest step that can be read).
 
         `abstract_state`: pytree of arrays / ShapeDtypeStructs with the wanted structure; the
         restored arrays get `shardings` (same structure) or the leaves' own shardings, so the
         run may resume on another mesh. Without it, arrays come back as saved, unsharded.
         With step=None, a partial or unreadable step is reported with a warning and the
-        previous one is tried; an explicitly requested step raises instead.
+        previous one is tried; an explicitly requested step raises instead. `quarantine_bad`
+        moves the skipped steps aside (see `quarantine`) so a resumed run can save them again.
         """
         self.wait_until_finished()
         target = None if abstract_state is None else _abstract(abstract_state, shardings)
         candidates = [int(step)] if step is not None else self.all_steps()[::-1]
         if not candidates:
             raise FileNotFoundError(f"No checkpoints in {self.directory}")
+        bad = []
         for s in candidates:
             try:
                 if missing := self.missing_parts(s):
                     raise ValueError(f"{self.step_dir(s)} is partial: missing {missing}")
-                return self._restore_step(s, target)
+                restored = self._restore_step(s, target)
             except Exception as e:  # orbax/tensorstore raise many types for bad files
                 if step is not None:
                     raise
+                bad.append(s)
                 warnings.warn(
                     f"Checkpoint step {s} in {self.directory} is corrupt or partial, "
                     f"falling back to the previous step: {type(e).__name__}: {str(e)[:300]}",
                     stacklevel=2,
                 )
+                continue
+            for b in bad if quarantine_bad else []:
+                self.quarantine(b)
+            return restored
         raise RuntimeError(f"No readable checkpoint in {self.directory} (tried {candidates})")
 
     def _restore_step(self, step: int, target) -> Restored:
