@@ -55,7 +55,13 @@ class _DataStateHandler(ocp.CheckpointHandler):
         self._file(directory).write_text(json.dumps(record))
 
     def restore(self, directory, args: "DataStateRestore" = None):
-        record = json.loads(self._file(directory).read_text())
+        path = self._file(directory)
+        if not path.exists():  # e.g. resumed with another process count: data starts afresh
+            found = sorted(p.name for p in epath.Path(directory).glob("process_*.json"))
+            msg = f"No data-iterator state {path.name} (found {found}); returning None"
+            warnings.warn(msg, stacklevel=2)
+            return None
+        record = json.loads(path.read_text())
         if record["type"] == "bytes":
             return base64.b64decode(record["value"])
         return record["value"]
@@ -160,6 +166,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
+        """Newest saved step (not checked for corruption; `restore()` is)."""
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
@@ -220,12 +227,15 @@ class Checkpointer:
         return Restored(step, out["state"], out["data"] if has_data else None)
 
     def quarantine(self, step: int) -> None:
-        """Moves a bad step out of the way (to `<dir>/corrupt/<step>`) so that it is not
+        """Moves a bad step out of the way (to `<dir>/corrupt/<step>[.n]`) so that it is not
         listed and the run can save that step number again. Process 0 moves it."""
         if jax.process_index() == 0:
             dest = self.directory / "corrupt"
             dest.mkdir(exist_ok=True)
-            shutil.move(str(self.step_dir(step)), str(dest / str(step)))
+            name, n = str(step), 1
+            while (dest / name).exists():  # the same step may go bad twice
+                name, n = f"{step}.{n}", n + 1
+            shutil.move(str(self.step_dir(step)), str(dest / name))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

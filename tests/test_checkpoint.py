@@ -118,6 +118,13 @@ def test_bytes_data_state(tmp_path):
         ckpt.save(1, _small(1), data_state=blob)
         ckpt.wait_until_finished()
         assert ckpt.restore().data_state == blob
+        # Resuming with another process count: the state restores, the data state is None.
+        (tmp_path / "d" / "1" / "data" / "process_0-of-1.json").rename(
+            tmp_path / "d" / "1" / "data" / "process_0-of-2.json"
+        )
+        with pytest.warns(UserWarning, match="process_0-of-2.json"):
+            restored = ckpt.restore()
+        assert restored.step == 1 and restored.data_state is None
 
 
 def _truncate_arrays(step_dir):
