@@ -266,9 +266,19 @@ def make_global_batch(local_batch, mesh: Mesh):
     concatenation in process order, sharded with `batch_sharding(mesh)`.
     """
     sharding = batch_sharding(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
-    )
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def make(x):
+        x = np.asarray(x)
+        rows = x.shape[0] * jax.process_count() if x.ndim else 0
+        if rows % n or rows == 0:
+            raise ValueError(
+                f"Global batch of {rows} rows ({x.shape[0] if x.ndim else 'scalar'} per process"
+                f" x {jax.process_count()} processes) is not divisible by data*fsdp={n}"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(make, local_batch)
 
 
 def initialize_distributed(

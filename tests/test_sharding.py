@@ -134,6 +134,19 @@ def test_fsdp_shrinks_per_device_bytes():
         np.testing.assert_array_equal(np.asarray(state["big"]), np.asarray(init()["big"]))
 
 
+def test_make_global_batch_single_process():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    local = {"x": np.arange(16 * 3, dtype=np.float32).reshape(16, 3), "y": np.zeros(16)}
+    batch = sharding.make_global_batch(local, mesh)
+    assert batch["x"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
+    assert len(batch["x"].addressable_shards) == 8 and batch["x"].addressable_shards[
+        0
+    ].data.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(batch["x"]), local["x"])
+    with pytest.raises(ValueError, match="not divisible by data\\*fsdp=8"):
+        sharding.make_global_batch({"x": np.zeros((12, 3))}, mesh)
+
+
 @pytest.fixture(scope="module")
 def reference_run():
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
