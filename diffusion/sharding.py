@@ -119,8 +119,13 @@ def logical_to_spec(
     size is not divisible by its mesh axes is left unsharded, since jit needs even shards.
     """
     table: dict[str, list[tuple[str, ...]]] = {}
+    valid = tuple(mesh.axis_names) if mesh is not None else MESH_AXES
     for logical, mesh_axes in rules:
-        table.setdefault(logical, []).append(_as_tuple(mesh_axes))
+        axes = _as_tuple(mesh_axes)
+        if bad := [a for a in axes if a not in valid]:
+            msg = f"Rule ({logical!r}, {mesh_axes!r}): unknown mesh axes {bad}; valid: {valid}"
+            raise ValueError(msg)
+        table.setdefault(logical, []).append(axes)
     used: set[str] = set()
     spec = []
     for i, name in enumerate(names):

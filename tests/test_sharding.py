@@ -54,6 +54,8 @@ def test_logical_rules():
     assert s.spec == P(("data", "fsdp"), None) and s.mesh is mesh
     with pytest.raises(ValueError, match="no rule"):
         sharding.logical_to_spec(("nonsense",), rules)
+    with pytest.raises(ValueError, match="unknown mesh axes \\['model'\\]"):
+        sharding.logical_to_spec(("mlp",), [("mlp", "model")], mesh, (8,))
 
 
 def test_fsdp_by_size_spec():
