@@ -25,7 +25,9 @@ X_T = _rs.randn(B, D)
 
 def model_torch(x, k):
     k = float(k)
-    return torch.tanh(x @ torch.from_numpy(W) * (0.5 + k / 1000) + torch.from_numpy(BIAS) * np.cos(k / 300))
+    return torch.tanh(
+        x @ torch.from_numpy(W) * (0.5 + k / 1000) + torch.from_numpy(BIAS) * np.cos(k / 300)
+    )
 
 
 def model_jax(x, k):
@@ -161,14 +163,20 @@ def gmm_setup(x64):
     return den, schedule, x_T, sw, sw(base)
 
 
-@pytest.mark.parametrize("method,opts", [("ddpm", {"variance": "fixed_small"}),
-                                         ("ddpm", {"variance": "fixed_large"}),
-                                         ("ddim", {"eta": 1.0})])
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("ddpm", {"variance": "fixed_small"}),
+        ("ddpm", {"variance": "fixed_large"}),
+        ("ddim", {"eta": 1.0}),
+    ],
+)
 def test_stochastic_samplers_match_gmm(gmm_setup, method, opts):
     """Sliced W2 to exact samples is close to the exact-vs-exact baseline at high NFE."""
     den, schedule, x_T, sw, baseline = gmm_setup
-    out = samplers.sample(den, x_T, schedule, method=method, num_steps=200, rng=jax.random.key(1),
-                          **opts)
+    out = samplers.sample(
+        den, x_T, schedule, method=method, num_steps=200, rng=jax.random.key(1), **opts
+    )
     assert np.all(np.isfinite(np.asarray(out)))
     assert sw(out) < 1.5 * baseline + 0.01, (sw(out), baseline)
 
@@ -176,8 +184,15 @@ def test_stochastic_samplers_match_gmm(gmm_setup, method, opts):
 def test_gmm_metric_detects_a_bad_sampler(gmm_setup):
     """The check above can fail: DDPM with 3 steps (fixed_large) is visibly off."""
     den, schedule, x_T, sw, baseline = gmm_setup
-    out = samplers.sample(den, x_T, schedule, method="ddpm", num_steps=3, rng=jax.random.key(1),
-                          variance="fixed_large")
+    out = samplers.sample(
+        den,
+        x_T,
+        schedule,
+        method="ddpm",
+        num_steps=3,
+        rng=jax.random.key(1),
+        variance="fixed_large",
+    )
     assert sw(out) > 2.0 * baseline, (sw(out), baseline)
 
 
@@ -186,9 +201,12 @@ def test_bad_options():
     x = jnp.zeros((2, 2))
     den = lambda x, t: x
     with pytest.raises(ValueError, match="unknown variance"):
-        samplers.sample(den, x, sch, method="ddpm", num_steps=2, rng=jax.random.key(0),
-                        variance="learned")
+        samplers.sample(
+            den, x, sch, method="ddpm", num_steps=2, rng=jax.random.key(0), variance="learned"
+        )
     with pytest.raises(ValueError, match="stochastic"):
         samplers.sample(den, x, sch, method="ddim", num_steps=2, eta=0.5)
     with pytest.raises(ValueError, match="noises has shape"):
-        samplers.sample(den, x, sch, method="ddim", num_steps=2, eta=0.5, noises=jnp.zeros((3, 2, 2)))
+        samplers.sample(
+            den, x, sch, method="ddim", num_steps=2, eta=0.5, noises=jnp.zeros((3, 2, 2))
+        )

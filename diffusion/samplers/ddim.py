@@ -3,7 +3,7 @@
 With eps_hat = (x_t - alpha_t x0_hat) / sigma_t, the step from t to s < t is
 
     x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z,    z ~ N(0, I),
-    c   = eta * sigma_s / sigma_t * sigma_{t|s},   sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2,
+    c = eta sigma_s / sigma_t sigma_{t|s},  sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2
 
 which is Song et al.'s sigma_t(eta) (eq. 16) written for any x_t = alpha_t x_0 + sigma_t eps, so it
 works for VP, flow and VE schedules. eta = 1 is DDPM's "fixed_small" posterior; eta = 0 is the

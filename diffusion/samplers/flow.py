@@ -60,7 +60,7 @@ def _scale(schedule, t, dtype):
 
 
 def _churn_fn(schedule, n, rng, noises, s_churn, s_tmin, s_tmax, s_noise):
-    """EDM Algorithm 2, lines 4-6, in EDM sigma r = sigma / alpha: (y, s, t, i) -> raised y, s, t."""
+    """EDM Algorithm 2, in EDM sigma r = sigma / alpha: (y, s, t, i) -> raised (y, s, t)."""
     gamma = min(s_churn / n, math.sqrt(2.0) - 1.0)
     flow = schedule.family == "flow"
     r_max = jnp.exp(-schedule.logsnr(schedule.t_max))
