@@ -16,6 +16,7 @@ num_steps + 1 points are spaced between t_start and t_end.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,7 +66,15 @@ def time_grid(
     rho: float = 7.0,
     steps_offset: int = 0,
 ):
-    """The (num_steps + 1,) decreasing float32/64 grid of the given name (see module docstring)."""
+    """The (num_steps + 1,) decreasing float32/64 grid of the given name (see module docstring).
+
+    Computed eagerly on the host even inside `jax.jit` (grids are compile-time constants).
+    """
+    with jax.ensure_compile_time_eval():
+        return _time_grid(schedule, name, num_steps, t_start, t_end, rho, steps_offset)
+
+
+def _time_grid(schedule, name, num_steps, t_start, t_end, rho, steps_offset):
     if name not in GRIDS:
         raise ValueError(f"unknown grid {name!r}; valid: {list(GRIDS)}")
     if num_steps < 1:
@@ -83,19 +92,27 @@ def time_grid(
         ts = np.concatenate([_spaced(schedule, name, num_steps, t0, schedule.t_min, rho), [0.0]])
     else:
         ts = _spaced(schedule, name, num_steps + 1, t0, float(t_end), rho)
-    return check_grid(jnp.asarray(ts, dtype=jnp.result_type(float)))
+    return check_grid(np.asarray(ts, np.float64))
 
 
 def check_grid(ts):
-    """Validate an explicit grid: 1-D, at least two points, strictly decreasing."""
-    ts = jnp.asarray(ts, dtype=jnp.result_type(float))
-    if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(f"grid must be 1-D with >= 2 times, got shape {ts.shape}")
-    diffs = np.diff(np.asarray(ts))
+    """Validate an explicit grid: 1-D, at least two points, strictly decreasing.
+
+    Values can only be checked when concrete; a traced grid (built inside jit) is checked for
+    shape only.
+    """
+    if isinstance(ts, jax.core.Tracer):
+        if ts.ndim != 1 or ts.shape[0] < 2:
+            raise ValueError(f"grid must be 1-D with >= 2 times, got shape {ts.shape}")
+        return ts
+    arr = np.asarray(ts, np.float64)
+    if arr.ndim != 1 or arr.shape[0] < 2:
+        raise ValueError(f"grid must be 1-D with >= 2 times, got shape {arr.shape}")
+    diffs = np.diff(arr)
     if not np.all(diffs < 0):
         bad = int(np.argmax(diffs >= 0))
         raise ValueError(
-            f"grid must be strictly decreasing (noise -> data); ts[{bad}]={float(ts[bad])} "
-            f"<= ts[{bad + 1}]={float(ts[bad + 1])}"
+            f"grid must be strictly decreasing (noise -> data); ts[{bad}]={arr[bad]} "
+            f"<= ts[{bad + 1}]={arr[bad + 1]}"
         )
-    return ts
+    return jnp.asarray(arr, dtype=jnp.result_type(float))
