@@ -3,6 +3,7 @@
 Nothing is allocated: ours via nnx.eval_shape, theirs on torch's meta device.
 """
 
+import functools
 import math
 
 import diffusers
@@ -15,16 +16,6 @@ from flax import nnx
 
 import diffusion.models as models
 from diffusion.models import presets
-
-# Which file provides each class (for the skip message while a model file has not landed).
-_MODULE_OF = {
-    "UNet2DConditionModel": "diffusion/models/unet.py",
-    "UNet2DModel": "diffusion/models/unet.py",
-    "AutoencoderKL": "diffusion/models/vae.py",
-    "SD3Transformer2DModel": "diffusion/models/mmdit.py",
-    "CLIPTextModel": "diffusion/models/text.py",
-    "CLIPTextModelWithProjection": "diffusion/models/text.py",
-}
 
 
 def torch_param_count(config: dict) -> int:
@@ -40,13 +31,20 @@ def torch_param_count(config: dict) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+@functools.cache
+def preset_torch_count(name: str) -> int:
+    return torch_param_count(presets.get_preset(name))
+
+
+@functools.cache
+def _preset_abstract(name: str):
+    return our_abstract(presets.get_preset(name))
+
+
 def our_abstract(config: dict):
-    name = presets.class_name(config)
-    if name not in models.MODELS:
-        pytest.skip(f"{name} not implemented yet ({_MODULE_OF[name]} not registered)")
-    cls, config_cls = models.get_model(name)
+    cls, config_cls = models.get_model(presets.class_name(config))
     cfg = config_cls.from_diffusers(config)
-    return cls, cfg, nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    return cls, cfg, models.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
 
 
 def our_param_count(module) -> int:
@@ -55,37 +53,34 @@ def our_param_count(module) -> int:
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_param_count_matches_pytorch(name):
-    config = presets.get_preset(name)
-    _, _, module = our_abstract(config)
-    assert our_param_count(module) == torch_param_count(config)
+    _, _, module = _preset_abstract(name)
+    assert our_param_count(module) == preset_torch_count(name)
 
 
 def test_sd15_unet_count_is_the_published_one():
-    assert torch_param_count(presets.get_preset("sd15-unet")) == 859_520_964
-    _, _, module = our_abstract(presets.get_preset("sd15-unet"))
+    assert preset_torch_count("sd15-unet") == 859_520_964
+    _, _, module = _preset_abstract("sd15-unet")
     assert our_param_count(module) == 859_520_964
 
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_config_round_trip(name):
     """from_diffusers(to_diffusers(cfg)) == cfg, and diffusers accepts what we write."""
-    config = presets.get_preset(name)
-    _, cfg, _ = our_abstract(config)
+    _, cfg, _ = _preset_abstract(name)
     written = cfg.to_diffusers()
-    assert presets.class_name(written) == presets.class_name(config)
+    assert presets.class_name(written) == presets.class_name(presets.PRESETS[name])
     assert type(cfg).from_diffusers(written) == cfg
-    assert torch_param_count(written) == torch_param_count(config)
+    assert torch_param_count(written) == preset_torch_count(name)
 
 
 def test_bf16_params_are_bf16():
     config = presets.get_preset("sd-vae")
-    name = presets.class_name(config)
-    if name not in models.MODELS:
-        pytest.skip(f"{name} not implemented yet")
-    cls, config_cls = models.get_model(name)
+    cls, config_cls = models.get_model(presets.class_name(config))
     cfg = config_cls.from_diffusers(config)
-    module = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16))
-    assert {x.dtype for x in jax.tree.leaves(nnx.state(module, nnx.Param))} == {jnp.bfloat16}
+    module = models.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(module, nnx.Param))} == {
+        jnp.dtype(jnp.bfloat16)
+    }
 
 
 def test_unknown_preset_lists_known_names():

@@ -11,6 +11,7 @@ transformers folder (config.json + safetensors, single file or sharded) into our
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -31,8 +32,15 @@ _TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 @functools.cache
 def _registry() -> dict[str, tuple[type, type]]:
-    # Explicit list, one line per model file as it lands.
-    entries: list[tuple[type, type]] = []
+    from diffusion.models import mmdit, text, unet, vae
+
+    entries = [
+        (unet.UNet, unet.UNetConfig),
+        (vae.AutoencoderKL, vae.VAEConfig),
+        (mmdit.SD3Transformer, mmdit.MMDiTConfig),
+        (text.CLIPTextModel, text.CLIPTextConfig),
+        (text.CLIPTextModelWithProjection, text.CLIPTextConfig),
+    ]
     models = {}
     for cls, config_cls in entries:
         for name in getattr(cls, "diffusers_classes", None) or (cls.diffusers_class,):
@@ -101,15 +109,45 @@ def read_config(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+@contextlib.contextmanager
+def _cheap_tracer_errors():
+    """Workaround for a quadratic slowdown when tracing a module's init (nnx.eval_shape).
+
+    Every ``rngs()`` call updates the RNG count, and flax's ``Variable.set_value`` compares
+    ``getattr(value, 'sharding', None)``; on a tracer that raises AttributeError whose message
+    jax builds by scanning every equation traced so far (``_origin_msg``). With ~2k parameters
+    that is O(n^2): SDXL's U-Net took 341 s instead of ~20 s. The message is never shown here.
+    """
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        original = pe.DynamicJaxprTracer._origin_msg
+    except (ImportError, AttributeError):  # jax internals moved: just run slower
+        yield
+        return
+    pe.DynamicJaxprTracer._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        pe.DynamicJaxprTracer._origin_msg = original
+
+
+def eval_shape(fn):
+    """``nnx.eval_shape(fn)`` (no arguments) without the tracer-error slowdown above."""
+    with _cheap_tracer_errors():
+        return nnx.eval_shape(fn)
+
+
 def build_abstract(cls: type, config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32):
     """The module with abstract parameters (``nnx.eval_shape``: no memory) and concrete
     everything else (RNG state, constant buffers): those come from a jitted init whose
     parameter outputs are dropped, so XLA never computes the random weights."""
     make = lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
-    model = nnx.eval_shape(make)
+    model = eval_shape(make)
     rest = nnx.state(model, nnx.Not(nnx.Param))
     if jax.tree.leaves(rest):
-        nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Param)))())
+        with _cheap_tracer_errors():
+            nnx.update(model, jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Param)))())
     return model
 
 
@@ -194,4 +232,5 @@ __all__ = [
     "read_config",
     "read_state_dict",
     "build_abstract",
+    "eval_shape",
 ]
