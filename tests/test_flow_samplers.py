@@ -137,11 +137,17 @@ def test_convergence_order_vp(x64, method, n, order):
 
 
 @pytest.mark.parametrize(
-    "setup,method,n,order", [("flow", "heun", 32, 2), ("flow", "rk4", 16, 4), ("edm", "rk4", 16, 4)]
+    "setup,method,n,order",
+    [
+        ("flow", "ddim", 64, 1),
+        ("flow", "heun", 32, 2),
+        ("flow", "rk4", 16, 4),
+        ("edm", "rk4", 16, 4),
+    ],
 )
 def test_convergence_other_families(x64, setup, method, n, order):
     e1, e2 = _gaussian_error(setup, method, n), _gaussian_error(setup, method, 2 * n)
-    assert e2 < 1e-2 and np.log2(e1 / e2) > order - 0.2, (e1, e2)
+    assert e2 < 0.05 and np.log2(e1 / e2) > order - 0.2, (e1, e2)
 
 
 # ------------------------------------------------------------------------------ NFE
