@@ -87,8 +87,13 @@ def run_multistep(
     solver_type: str = "midpoint",
     lower_order_final: bool = True,
     euler_at_final: bool = False,
+    third_order: str = "diffusers",
 ):
-    """Multistep DPM-Solver-`order` (noise prediction), diffusers' order rules."""
+    """Multistep DPM-Solver-`order` (noise prediction), diffusers' order rules.
+
+    third_order: "diffusers" (parity; globally second order) or "taylor" (true third order), see
+    dpm_solver_multi.
+    """
     del rng
     check_order("dpm_solver_multistep", order, (1, 2, 3))
     single.check_options("dpm_solver_multistep", solver_type)
@@ -102,6 +107,7 @@ def run_multistep(
         solver_type=solver_type,
         lower_order_final=lower_order_final,
         euler_at_final=euler_at_final,
+        third_order=third_order,
     )
 
 

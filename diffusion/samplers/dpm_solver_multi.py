@@ -10,6 +10,12 @@ The order rules and formulas mirror diffusers' `DPMSolverMultistepScheduler.step
     it is the second-to-last step with lower_order_final and n < 15, else the requested order;
     the final step is lower order with euler_at_final, with lower_order_final and n < 15, or when it
     goes to sigma = 0 (diffusers' final_sigmas_type="zero").
+
+Third order: diffusers (and Lu's reference code, k-diffusion) use D2 = (D1_0 - D1_1) / (r0 + r1),
+which is h^2 m''/2, with the coefficient -alpha_t phi_3 that belongs to h^2 m'' (the singlestep
+D2). The h^3 term is then half its Taylor value, a local error O(h^3): that 3M is globally second
+order (measured on the exact Gaussian, tests/test_dpm_solver_pp.py). third_order="taylor" doubles
+D2 and gives a true third-order multistep method; "diffusers" (default) keeps parity.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import numpy as np
 
 from diffusion.samplers.base import scan_steps
 from diffusion.samplers.dpm_solver_single import coeffs, model_output, point
+
+THIRD_ORDER = ("diffusers", "taylor")
 
 
 def multistep_orders(num_steps: int, order: int, lower_order_final: bool, euler_at_final: bool):
@@ -37,22 +45,23 @@ def multistep_orders(num_steps: int, order: int, lower_order_final: bool, euler_
     return np.asarray(out, np.int32)
 
 
-def multistep_update(alg, solver_type, order, x, ms, pts, t, z):
-    """One multistep update from pts[0] (newest) to t; ms[j] is the model output at pts[j]."""
-    s0 = pts[0]
-    c = coeffs(alg, s0, t)
+def multistep_update(c, solver_type, order, x, ms, lams, lam_t, z, third_order="diffusers"):
+    """One multistep update from the newest point to t with step coefficients c = coeffs(s0, t).
+
+    ms[j] is the model output at lambda = lams[j] (j = 0 newest, then one and two steps back).
+    """
     x_t = c.c_x * x + c.c0 * ms[0] + c.c_z * z
     if order == 1:
         return x_t
-    h = t.lam - s0.lam
-    r0 = (s0.lam - pts[1].lam) / h
+    h = lam_t - lams[0]
+    r0 = (lams[0] - lams[1]) / h
     d1_0 = (ms[0] - ms[1]) / r0
     if order == 2:
         return x_t + (c.c1_mid if solver_type == "midpoint" else c.c1_heun) * d1_0
-    r1 = (pts[1].lam - pts[2].lam) / h
+    r1 = (lams[1] - lams[2]) / h
     d1_1 = (ms[1] - ms[2]) / r1
     d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1) * (2.0 if third_order == "taylor" else 1.0)
     return x_t + c.c1_heun * d1 + c.c2 * d2
 
 
@@ -74,10 +83,13 @@ def run_multistep(
     solver_type,
     lower_order_final,
     euler_at_final,
+    third_order="diffusers",
     rng=None,
     noises=None,
 ):
     """Multistep solver over grid ts; history (model outputs, lambdas) lives in the scan carry."""
+    if third_order not in THIRD_ORDER:
+        raise ValueError(f"unknown third_order {third_order!r}; valid: {THIRD_ORDER}")
     n = ts.shape[0] - 1
     if algorithm == "sde-dpmsolver++":
         if noises is None and rng is None:
@@ -89,21 +101,22 @@ def run_multistep(
     dtype = x.dtype
 
     def step(carry, inp):
-        x, m1, m2, t1, t2 = carry  # model outputs and times of the previous two steps
+        x, m1, m2, lam1, lam2 = carry  # model outputs and lambdas of the previous two steps
         i, t_s, t_t = inp
-        pts = [point(schedule, tt, dtype) for tt in (t_s, t1, t2)]
-        t = point(schedule, t_t, dtype)
-        m0 = model_output(denoise_fn, x, t_s, pts[0], algorithm)
-        ms = [m0, m1, m2]
+        s0, t = point(schedule, t_s, dtype), point(schedule, t_t, dtype)
+        c = coeffs(algorithm, s0, t)
+        m0 = model_output(denoise_fn, x, t_s, s0, algorithm)
+        ms, lams = [m0, m1, m2], [s0.lam, lam1, lam2]
         z = step_noise(rng, noises, i, x) if algorithm == "sde-dpmsolver++" else jnp.zeros_like(x)
         branches = [
-            lambda k=k: multistep_update(algorithm, solver_type, k, x, ms, pts, t, z)
+            lambda k=k: multistep_update(c, solver_type, k, x, ms, lams, t.lam, z, third_order)
             for k in range(1, order + 1)
         ]
         x_next = jax.lax.switch(orders[i] - 1, branches)
-        return x_next, m0, m1, t_s, t1
+        return x_next, m0, m1, s0.lam, lam1
 
     zeros = jnp.zeros_like(x)
-    # Placeholder history times (never used at order 1) must give finite lambdas.
-    carry = (x, zeros, zeros, ts[0], ts[0])
+    # Placeholder history lambdas (never used at order 1) must be finite.
+    lam_T = point(schedule, ts[0], dtype).lam
+    carry = (x, zeros, zeros, lam_T, lam_T)
     return scan_steps(step, carry, ts)[0]

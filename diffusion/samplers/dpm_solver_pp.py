@@ -83,15 +83,20 @@ def run_multistep(
     solver_type: str = "midpoint",
     lower_order_final: bool = True,
     euler_at_final: bool = False,
+    third_order: str = "diffusers",
 ):
-    """Multistep DPM-Solver++(`order`M) over the grid ts (diffusers' order rules)."""
+    """Multistep DPM-Solver++(`order`M) over the grid ts (diffusers' order rules).
+
+    third_order: "diffusers" (parity; globally second order) or "taylor" (true third order), see
+    dpm_solver_multi.
+    """
     del rng
     check_order("dpmpp_multistep", order, (1, 2, 3))
     single.check_options("dpmpp_multistep", solver_type)
     return multi.run_multistep(
         denoise_fn, x, schedule, ts, algorithm="dpmsolver++", order=order,
         solver_type=solver_type, lower_order_final=lower_order_final,
-        euler_at_final=euler_at_final,
+        euler_at_final=euler_at_final, third_order=third_order,
     )  # fmt: skip
 
 
@@ -117,7 +122,26 @@ def _fixed_order_multistep(order, doc):
 
 
 run_2m = _fixed_order_multistep(2, "DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2).")
-run_3m = _fixed_order_multistep(3, "DPM-Solver++(3M) (Lu et al. 2022b, appendix).")
+
+
+def run_3m(
+    denoise_fn,
+    x,
+    schedule,
+    ts,
+    *,
+    rng=None,
+    solver_type: str = "midpoint",
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    third_order: str = "diffusers",
+):
+    """DPM-Solver++(3M) (Lu et al. 2022b, appendix); third_order as in run_multistep."""
+    return run_multistep(
+        denoise_fn, x, schedule, ts, order=3, solver_type=solver_type,
+        lower_order_final=lower_order_final, euler_at_final=euler_at_final,
+        third_order=third_order,
+    )  # fmt: skip
 
 
 def run_sde_2m(
