@@ -203,3 +203,21 @@ def test_unknown_class_name_lists_known(tmp_path):
     os.rename(tmp_path / "src" / "config.json", tmp_path / "src_no_weights" / "config.json")
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
         models.load_diffusers(str(tmp_path / "src_no_weights"))
+
+
+def test_convert_weights_tool_round_trip(tmp_path):
+    """tools.convert_weights: diffusers -> NNX orbax -> diffusers, then from_pretrained."""
+    from tools import convert_weights
+
+    name = "CLIPTextModelWithProjection"
+    model = make_torch(name)
+    model.save_pretrained(tmp_path / "src")
+    convert_weights.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "nnx")])
+    assert convert_weights.is_nnx_checkpoint(str(tmp_path / "nnx"))
+    convert_weights.main(
+        ["--src", str(tmp_path / "nnx"), "--dst", str(tmp_path / "out"), "--to", "torch"]
+    )
+    args, _ = make_inputs(name)
+    reloaded = transformers.CLIPTextModelWithProjection.from_pretrained(str(tmp_path / "out"))
+    for a, b in zip(torch_outputs(name, reloaded.eval(), args), torch_outputs(name, model, args)):
+        np.testing.assert_array_equal(a, b)
