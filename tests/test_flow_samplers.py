@@ -110,7 +110,8 @@ def test_flow_euler_matches_flowmatch(x64):
 # (method, coarse n, expected order). midpoint converges with order 3 on this problem: for a
 # Gaussian the ODE is y' = g'(s) y with g = log sqrt(v + s^2), where the midpoint rule's
 # leading error term cancels (a plain numpy midpoint on the same scalar ODE shows it too).
-ORDERS = [("euler", 64, 1), ("ddim", 64, 1), ("heun", 32, 2), ("midpoint", 32, 3), ("rk4", 16, 4)]
+# ddim is checked on the flow schedule below (on VP it coincides with euler in x / alpha).
+ORDERS = [("euler", 64, 1), ("heun", 32, 2), ("midpoint", 32, 3), ("rk4", 16, 4)]
 SETUPS = {
     "vp_cosine": (lambda: schedules.get("vp_cosine"), "logsnr", 1e-3),
     "flow": (lambda: schedules.get("rectified_flow", shift=3.0), "uniform_t", 1e-3),
@@ -155,14 +156,10 @@ def test_convergence_other_families(x64, setup, method, n, order):
 
 NFE_CASES = [
     ("ddpm", {"variance": "fixed_large"}, "linear"),
-    ("ddim", {}, "linear"),
     ("ddim", {"eta": 0.5}, "rectified_flow"),
-    ("euler", {}, "linear"),
     ("euler", {"s_churn": 5.0}, "rectified_flow"),
-    ("heun", {}, "rectified_flow"),
     ("heun", {"s_churn": 5.0, "s_tmin": 0.05, "s_tmax": 50.0}, "linear"),
     ("midpoint", {}, "linear"),
-    ("rk4", {}, "linear"),
     ("rk4", {}, "rectified_flow"),
 ]
 
