@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion import losses, models, predictions, samplers, schedules
+from diffusion.samplers import guidance
 
 TASKS = ("diffusion", "autoencoder")
 CONDITIONINGS = (None, "class", "text")
@@ -146,22 +147,13 @@ class Task:
         """Images from noise (diffusion) or reconstructions (autoencoder: cond holds 'x')."""
         if self.cfg.task == "autoencoder":
             return model.decode(model.encode(cond["x"]).mode())
-        s = self.schedule
-        ptype = self.objective.prediction_type
-        if cond is None or guidance_scale == 1.0:
-            fn = lambda x, mt: self.model_fn(model, x, mt, cond)
-        else:
-            null = jax.tree.map(
-                lambda n, c: jnp.broadcast_to(n, c.shape), self.null_condition(), cond
-            )
-
-            def fn(x, mt):  # classifier-free guidance as one batched network call
-                both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), null, cond)
-                out = self.model_fn(model, jnp.concatenate([x, x]), mt, both)
-                uncond, c = jnp.split(out, 2)
-                return uncond + guidance_scale * (c - uncond)
-
-        denoise = predictions.as_denoiser(fn, s, ptype)
+        s, ptype = self.schedule, self.objective.prediction_type
+        fn = lambda x, mt, c: self.model_fn(model, x, mt, c)
+        if cond is None:
+            denoise = predictions.as_denoiser(lambda x, mt: fn(x, mt, None), s, ptype)
+        else:  # classifier-free guidance: one batched [uncond, cond] network call per step
+            null = jax.tree.map(lambda n: n[None], self.null_condition())
+            denoise = guidance.cfg_denoiser(fn, s, ptype, cond, null, guidance_scale)
         x_T = samplers.prior(s, jax.random.fold_in(rng, 0), shape)
         return samplers.sample(
             denoise, x_T, s, method=method, num_steps=num_steps, rng=jax.random.fold_in(rng, 1)
