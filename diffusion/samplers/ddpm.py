@@ -3,7 +3,7 @@
 A step from t to s < t draws x_s from the Gaussian posterior q(x_s | x_t, x_0 = x0_hat). With
 alpha_{t|s} = alpha_t / alpha_s and sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 (the
 transition x_t | x_s ~ N(alpha_{t|s} x_s, sigma_{t|s}^2 I)), Bayes' rule gives (Kingma et al. 2021,
-VDM eq. 34, which is Ho et al. eq. 7 for a VP table)
+VDM appendix A; Ho et al. eq. 7 for a VP table)
 
     mean = alpha_s sigma_{t|s}^2 / sigma_t^2 * x0_hat + alpha_{t|s} sigma_s^2 / sigma_t^2 * x_t,
     var  = sigma_{t|s}^2 sigma_s^2 / sigma_t^2                          ("fixed_small", beta-tilde)
