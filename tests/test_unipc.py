@@ -158,10 +158,10 @@ def _gaussian_error(order, num_steps):
 def test_convergence_order_gaussian(order, lo, hi):
     """UniPC-p with UniC is order p + 1 per step; the warm-up step (UniP-1 + UniC-1, local error
     O(h^3)) caps UniPC-3 at global order ~3 on practical step counts."""
-    steps = np.array([20, 40, 80])
+    steps = np.array([20, 80])
     with jax.enable_x64(True):
         errs = np.array([_gaussian_error(order, n) for n in steps])
-    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    slope = np.log(errs[0] / errs[1]) / np.log(steps[1] / steps[0])
     assert lo <= slope <= hi, (errs, slope)
 
 
