@@ -268,19 +268,13 @@ def count_default_grid(method, n, t_end=0.0, **opts):
 @pytest.mark.parametrize(
     "method,n,opts",
     [
-        ("dpm_solver", 3, dict(order=2)),
-        ("dpm_solver", 1, dict(order=3)),
+        ("dpm_solver", 2, dict(order=3)),
         ("dpm_solver_fast", 4, {}),
     ],
 )
 def test_nfe_and_finite_on_default_grid(x64, method, n, opts):
-    """Grids ending at t = 0: counted calls == samplers.nfe, output finite (no inf * 0)."""
+    """Grids ending at t = 0: counted calls == samplers.nfe, output finite (no inf * 0). (Grids
+    ending at t > 0 are counted in gaussian_error, e.g. dpm_solver_fast at NFE 24.)"""
     calls, out = count_default_grid(method, n, **opts)
     assert calls == samplers.nfe(method, n, **opts)
     assert np.all(np.isfinite(out))
-
-
-@pytest.mark.parametrize("n", [5])
-def test_fast_nfe_on_positive_t_end(x64, n):
-    calls, _ = count_default_grid("dpm_solver_fast", n, t_end=1e-3)
-    assert calls == n == samplers.nfe("dpm_solver_fast", n)

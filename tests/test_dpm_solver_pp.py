@@ -147,7 +147,7 @@ def test_taylor_3m_is_at_least_third_order(x64):
 
 @pytest.mark.parametrize(
     "method,n,opts",
-    [("dpmpp_singlestep", 4, dict(order=3)), ("dpmpp_2s", 1, {})],
+    [("dpmpp_2s", 3, {})],
 )
 def test_nfe_and_finite_on_default_grid(x64, method, n, opts):
     """Grids ending at t = 0: counted calls == samplers.nfe, output finite (no inf * 0)."""
