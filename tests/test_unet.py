@@ -14,9 +14,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from flax import nnx
-from safetensors.numpy import load_file
 
-from diffusion.models.convert import load_torch_state_dict
+from diffusion.models import load_diffusers
 from diffusion.models.unet import UNet, UNetConfig
 
 TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
@@ -81,7 +80,7 @@ def _nhwc(t):
     return np.asarray(t.detach().numpy()).transpose(0, 2, 3, 1)
 
 
-def build_pair(name, tmp_path, **overrides):
+def build_pair(name, tmp_path):
     """(torch model, our UNet) with identical weights, via a diffusers folder on disk."""
     cls, kwargs = CONFIGS[name]
     torch.manual_seed(0)
@@ -92,11 +91,11 @@ def build_pair(name, tmp_path, **overrides):
                 p.add_(0.1 * torch.randn_like(p))
     folder = tmp_path / name
     ref.save_pretrained(folder)
-    config = UNetConfig.from_diffusers(
-        json.loads((folder / "config.json").read_text()), **overrides
+    ours = load_diffusers(str(folder))  # config.json -> UNetConfig.from_diffusers + safetensors
+    assert isinstance(ours, UNet)
+    assert ours.config == UNetConfig.from_diffusers(
+        json.loads((folder / "config.json").read_text())
     )
-    ours = UNet(config, rngs=nnx.Rngs(0))
-    load_torch_state_dict(ours, load_file(folder / "diffusion_pytorch_model.safetensors"))
     return ref, ours
 
 
@@ -172,37 +171,43 @@ def test_odd_size_skips_and_controlnet_residuals(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sdxl_model(tmp_path_factory):
-    return build_pair("sdxl", tmp_path_factory.mktemp("sdxl"))[1]
+def sd1_model(tmp_path_factory):
+    return build_pair("sd1", tmp_path_factory.mktemp("sd1"))[1]
 
 
 def _loss_and_grads(model, dtype, remat=False):
     """Mean-square output and parameter gradients, with compute in `dtype`."""
-    config = dataclasses.replace(model.config, remat=remat)
-    m = UNet(config, rngs=nnx.Rngs(0), dtype=dtype)
+    m = UNet(dataclasses.replace(model.config, remat=remat), rngs=nnx.Rngs(0), dtype=dtype)
     nnx.update(m, nnx.state(model, nnx.Param))
-    x, t, kw = inputs("sdxl")
+    x, t, kw = inputs("sd1", size=8)
 
-    @nnx.jit
-    def f(m):
-        return nnx.value_and_grad(
-            lambda m: jnp.mean(run_ours(m, x, t, kw).astype(jnp.float32) ** 2)
-        )(m)
+    def loss(m):
+        return jnp.mean(run_ours(m, x, t, kw).astype(jnp.float32) ** 2)
 
-    return f(m)
+    return nnx.jit(lambda m: nnx.value_and_grad(loss)(m))(m)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gradients_finite(sdxl_model, dtype):
-    loss, grads = _loss_and_grads(sdxl_model, dtype)
+@pytest.fixture(scope="module")
+def fp32_grads(sd1_model):
+    return _loss_and_grads(sd1_model, jnp.float32)
+
+
+def _check_finite(loss, grads):
     leaves = jax.tree.leaves(grads)
     assert np.isfinite(float(loss)) and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
 
 
-def test_remat_matches(sdxl_model):
-    loss0, g0 = _loss_and_grads(sdxl_model, jnp.float32, remat=False)
-    loss1, g1 = _loss_and_grads(sdxl_model, jnp.float32, remat=True)
+def test_gradients_finite_fp32_and_bf16(sd1_model, fp32_grads):
+    _check_finite(*fp32_grads)
+    loss16, grads16 = _loss_and_grads(sd1_model, jnp.bfloat16)  # fp32 params, bf16 compute
+    _check_finite(loss16, grads16)
+    assert abs(float(loss16) / float(fp32_grads[0]) - 1) < 0.05
+
+
+def test_remat_matches(sd1_model, fp32_grads):
+    loss0, g0 = fp32_grads
+    loss1, g1 = _loss_and_grads(sd1_model, jnp.float32, remat=True)
     np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

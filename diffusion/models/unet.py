@@ -159,7 +159,8 @@ class UNetConfig:
         d.pop("attn_implementation")
         if self.class_name == "UNet2DModel":
             d = {k: d[k] for k in _UNET2D_KEYS}
-        else:
+        else:  # drop UNet2DModel-only keys, add the fixed UNet2DConditionModel options
+            d = {k: v for k, v in d.items() if k not in ("attn_norm_num_groups", "add_attention")}
             d.update(
                 {k: v for k, v in _FIXED.items() if k not in ("downsample_type", "upsample_type")}
             )

@@ -317,7 +317,7 @@ class AutoencoderKL(nnx.Module):
         """decode() on (tile_size x tile_size) latent windows overlapping by `overlap` latent
         pixels, blended with linear ramps (tile_size, overlap in latent units)."""
         f = self.config.downsample_factor
-        return blend_tiles(self.decode, z, tile_size, overlap, f, 1)
+        return blend_tiles(lambda t: _decode_jit(self, t), z, tile_size, overlap, f, 1)
 
     def encode_tiled(
         self, x: jax.Array, tile_size: int = 512, overlap: int = 128
@@ -325,4 +325,10 @@ class AutoencoderKL(nnx.Module):
         """encode() on overlapping image windows (tile_size, overlap in pixels, multiples of
         the downsampling factor); blends the posterior moments (mean, log-variance)."""
         f = self.config.downsample_factor
-        return DiagonalGaussian(blend_tiles(self._moments, x, tile_size, overlap, 1, f))
+        moments = blend_tiles(lambda t: _moments_jit(self, t), x, tile_size, overlap, 1, f)
+        return DiagonalGaussian(moments)
+
+
+# One compiled program per tile shape, reused by every tile (and cached across calls).
+_decode_jit = nnx.jit(lambda vae, z: vae.decode(z))
+_moments_jit = nnx.jit(lambda vae, x: vae._moments(x))
