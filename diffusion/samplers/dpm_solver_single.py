@@ -166,13 +166,14 @@ def _paper_step(denoise_fn, schedule, alg, solver_type, order, x, t_s, t_t):
     return singlestep_update(alg, solver_type, order, x, ms, pts, t)
 
 
-def run_paper(denoise_fn, x, schedule, ts, orders, *, algorithm, solver_type):
+def run_paper(denoise_fn, x, schedule, ts, orders, *, algorithm, solver_type, static=True):
     """Singlestep solver with per-step orders (list of ints) over grid ts.
 
     A step to t = 0 is taken as a first-order step (1 NFE, returns x0_hat). With a concrete grid
-    the orders are static: one lax.scan per run of equal orders (at most 4 runs: compile time does
-    not grow with num_steps, and each scan body holds only its own order's denoiser calls). A
-    traced grid gives one scan that picks the order per step with lax.switch.
+    the orders are static: one lax.scan per run of equal orders (constant order: the steps, then
+    the first-order step to t = 0), each body holding only its own order's denoiser calls. A
+    traced grid, or static=False (DPM-Solver-fast, whose runs of orders depend on num_steps), gives
+    one scan that picks the order per step with lax.switch.
     """
 
     def order_step(k):
@@ -182,12 +183,12 @@ def run_paper(denoise_fn, x, schedule, ts, orders, *, algorithm, solver_type):
 
         return step
 
-    if not isinstance(ts, jax.core.Tracer):
-        static = np.where(np.asarray(ts)[1:] == 0, 1, np.asarray(orders))  # (num_steps,)
+    if static and not isinstance(ts, jax.core.Tracer):
+        per_step = np.where(np.asarray(ts)[1:] == 0, 1, np.asarray(orders))  # (num_steps,)
         start = 0
-        for end in range(1, len(static) + 1):
-            if end == len(static) or static[end] != static[start]:
-                x = scan_steps(order_step(int(static[start])), x, ts[start : end + 1])
+        for end in range(1, len(per_step) + 1):
+            if end == len(per_step) or per_step[end] != per_step[start]:
+                x = scan_steps(order_step(int(per_step[start])), x, ts[start : end + 1])
                 start = end
         return x
 
@@ -296,5 +297,6 @@ def run_fast(denoise_fn, x, schedule, ts, *, algorithm, solver_type, method="dpm
         orders = orders + [1]
     grid = jnp.concatenate(grid)  # (len(orders) + 1,)
     return run_paper(
-        denoise_fn, x, schedule, grid, orders, algorithm=algorithm, solver_type=solver_type
-    )
+        denoise_fn, x, schedule, grid, orders, algorithm=algorithm, solver_type=solver_type,
+        static=False,
+    )  # fmt: skip
