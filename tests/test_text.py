@@ -1,5 +1,6 @@
 """CLIP text encoders vs transformers (CPU, fp32), driven by a tiny offline CLIPTokenizer."""
 
+import functools
 import json
 
 import jax
@@ -73,6 +74,10 @@ def _reference(tok, act, eos, with_projection, tmp_path):
     return ref, config, load_file(str(tmp_path / "model.safetensors"))
 
 
+# Tiny models: XLA's backend optimizations cost far more compile time than they save at run time.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
 def _rel_err(a, b):
     b = np.asarray(b, np.float64)
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
@@ -104,8 +109,8 @@ def test_parity_with_transformers(case, tokenizer, tmp_path):
     ids, mask = enc["input_ids"], enc["attention_mask"]
     assert mask.min() == 0  # padding is exercised
     graphdef, state = nnx.split(model)
-    apply = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m, output_hidden_states=True))
-    for use_mask in (True, False):
+    apply = _jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m, output_hidden_states=True))
+    for use_mask in (True, False) if case == "quick_gelu" else (True,):
         with torch.no_grad():
             out = ref(
                 torch.from_numpy(ids),
@@ -142,6 +147,7 @@ def test_config_round_trip_and_errors(tokenizer):
 
 def test_grads_finite_bf16_and_remat(tokenizer):
     hf = _hf_config(tokenizer, "quick_gelu", tokenizer.eos_token_id).to_dict()
+    hf["num_hidden_layers"] = 2
     enc = tokenizer(PROMPTS, padding="max_length", max_length=MAX_LEN, return_tensors="np")
     ids, mask = enc["input_ids"], enc["attention_mask"]
 
@@ -157,7 +163,7 @@ def test_grads_finite_bf16_and_remat(tokenizer):
                 jnp.square(last.astype(jnp.float32))
             ), emb
 
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return _jit(jax.value_and_grad(loss, has_aux=True))(params)
 
     (_, emb), grads = run()
     (_, emb_remat), grads_remat = run(remat=True)
