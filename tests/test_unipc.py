@@ -18,6 +18,9 @@ from diffusion.samplers import grids, unipc
 N_TRAIN = 1000
 _W = np.random.RandomState(0).randn(6, 6) * 0.3
 _X_T = np.random.RandomState(1).randn(4, 6)  # (B, C): diffusers' einsum needs >= 2 dims
+# diffusers keeps sigmas in float32, which limits agreement to ~1e-7..1e-6; 2e-6 (tighter than the
+# 1e-4 of the brief) still catches e.g. a UniC-1 weight of 0.4 instead of 0.5 (error ~5e-6).
+TOL = 2e-6
 _ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, N_TRAIN))  # DDPM "linear" table, numpy
 
 
@@ -92,7 +95,10 @@ def test_parity_ddpm_table(order, variant, pred, lof, final):
     schedule = schedules.get("linear", num_train_timesteps=N_TRAIN)
     with jax.enable_x64(True):
         k = sch.timesteps.numpy().astype(np.float64)
-        t_last = 0.0 if final == "zero" else float(schedule.t_from_timestep(0))
+        # diffusers' sigma_min end point (computed in float32 with cancellation, ~1e-4 off the
+        # table) is taken as given, like every other grid point.
+        sigma_last = jnp.asarray(sch.sigmas.numpy()[-1], jnp.float64)
+        t_last = 0.0 if final == "zero" else float(schedule.t_from_sigma_ratio(sigma_last))
         ts = np.concatenate([np.asarray(schedule.t_from_timestep(k)), [t_last]])
         ours = _ours(schedule, ts, pred, order=order, variant=variant, lower_order_final=lof)
     if variant == "bh1" and final == "zero":
@@ -101,7 +107,7 @@ def test_parity_ddpm_table(order, variant, pred, lof, final):
         assert np.isnan(ref).all()
         ref = sch.model_outputs[-1].numpy()
     assert np.isfinite(ours).all()
-    assert _rel(ours, ref) < 1e-4
+    assert _rel(ours, ref) < TOL
 
 
 @pytest.mark.parametrize("order,variant", [(2, "bh2"), (3, "bh1")])
@@ -115,7 +121,7 @@ def test_parity_flow(order, variant):
     if variant == "bh1":  # NaN in diffusers, see test_parity_ddpm_table
         assert np.isnan(ref).all()
         ref = sch.model_outputs[-1].numpy()
-    assert _rel(ours, ref) < 1e-4
+    assert _rel(ours, ref) < TOL
 
 
 def test_lower_order_final_false_to_zero_is_finite():
