@@ -84,6 +84,7 @@ class Task:
         if cfg.task == "diffusion":
             task.schedule = schedules.get(cfg.schedule.name, **dict(cfg.schedule.get("kwargs", {})))
             task.objective = losses.Objective(task.schedule, **dict(cfg.objective))
+            samplers.get(cfg.sample.method)  # fail before training, listing valid samplers
         if cfg.get("conditioning") == "text":
             words = cfg.tokenizer.vocab.split()
             task.tokenizer = word_tokenizer(words, cfg.tokenizer.max_length)

@@ -95,7 +95,12 @@ def make_train_step(cfg, task, graphdef, tx, lr):
         d = cfg.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], params)
         new = {**state, "params": params, "ema": ema, "opt": opt, "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr(state["step"])}
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),  # non-finite => never checkpointed
+            "lr": lr(state["step"]),
+        }
         return new, {**metrics, **aux}
 
     return train_step
@@ -177,11 +182,29 @@ def make_sampler(cfg, task, graphdef, example):
     return fn
 
 
+CONFIG_KEYS = {
+    "name", "task", "seed", "data", "conditioning", "num_classes", "model", "text_encoder",
+    "tokenizer", "compute_dtype", "schedule", "objective", "optim", "ema_decay", "total_steps",
+    "log_every", "ckpt_every", "keep_checkpoints", "sample", "mesh", "fsdp_min_size",
+    "sharding_rules", "kl_weight",
+}  # fmt: skip
+
+
+def check_config_keys(cfg) -> None:
+    """Reject unknown top-level keys (typos would otherwise be silently ignored)."""
+    unknown = sorted(set(cfg.keys()) - CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid: {sorted(CONFIG_KEYS)}")
+
+
 def train(cfg, workdir: str) -> dict:
     """Train (or resume) the run described by cfg in workdir; returns a summary dict."""
+    check_config_keys(cfg)
     wd = Workdir(workdir, cfg)
     task = tasks.Task.from_config(cfg)
-    mesh = sharding.make_mesh(dict(cfg.mesh))
+    mesh_shape = dict(cfg.mesh)
+    n = mesh_shape.pop("num_devices", None)  # use the first n devices (e.g. 1 for a reference)
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n] if n else None)
     rules = tuple(map(tuple, cfg.get("sharding_rules", sharding.DEFAULT_RULES)))
     with sharding.mesh_context(mesh, rules):
         run = _setup(cfg, wd, task, mesh)
@@ -192,7 +215,11 @@ def train(cfg, workdir: str) -> dict:
 
 def _pipeline(cfg, batch_size, seed):
     return data.make_pipeline(
-        cfg.data.name, "train", batch_size=batch_size, seed=seed, data_dir=cfg.data.get("data_dir")
+        cfg.data.name,
+        "train",
+        batch_size=batch_size,
+        seed=seed,
+        data_dir=cfg.data.get("data_dir") or None,
     )
 
 
@@ -246,10 +273,11 @@ def _loop(cfg, wd, task, mesh, run) -> dict:
         ):
             batch = sharding.make_global_batch(task.prepare_batch(next(it)), mesh)
             state, metrics = run["step_fn"](state, batch)
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
+            loss, pnorm = float(metrics["loss"]), float(metrics["param_norm"])
+            if not (np.isfinite(loss) and np.isfinite(pnorm)):
                 raise NonFiniteLossError(
-                    f"non-finite loss {loss} at step {step + 1}; stopping. The last good "
+                    f"non-finite loss {loss} (parameter norm {pnorm}) at step {step + 1}; "
+                    f"stopping. The last good "
                     f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}"
                 )
             losses_seen.append(loss)
@@ -262,7 +290,7 @@ def _loop(cfg, wd, task, mesh, run) -> dict:
                     writer.add_scalar(f"train/{k}", v, done)
             if done % cfg.ckpt_every == 0 or done == cfg.total_steps:
                 ckpt.save(done, state, data_state=it.get_state(), metrics={"loss": loss})
-            if done % cfg.sample.every == 0 or done == cfg.total_steps:
+            if cfg.sample.every > 0 and (done % cfg.sample.every == 0 or done == cfg.total_steps):
                 images = run["sample_fn"](state["ema"], state["rest"], jax.random.key(done))
                 if jax.process_index() == 0:
                     save_grid(images, wd.file(f"samples_{done:06d}.png"))

@@ -197,7 +197,7 @@ def test_unknown_class_name_lists_known(tmp_path):
         return {**config, "_class_name": "FooModel"}
 
     _copy_with(tmp_path / "src", tmp_path / "bad", edit)
-    with pytest.raises(KeyError, match="'FooModel'; known classes: AutoencoderKL, CLIPTextModel"):
+    with pytest.raises(ValueError, match="'FooModel'; known classes: AutoencoderKL, CLIPTextModel"):
         models.load_diffusers(str(tmp_path / "bad"))
     os.makedirs(tmp_path / "src_no_weights")
     os.rename(tmp_path / "src" / "config.json", tmp_path / "src_no_weights" / "config.json")

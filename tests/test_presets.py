@@ -84,7 +84,7 @@ def test_bf16_params_are_bf16():
 
 
 def test_unknown_preset_lists_known_names():
-    with pytest.raises(KeyError, match="sd15-unet.*openclip-g"):
+    with pytest.raises(ValueError, match="sd15-unet.*openclip-g"):
         presets.get_preset("sd9")
     a = presets.get_preset("sd15-unet")
     a["block_out_channels"].append(1)  # a copy: the preset itself is untouched
@@ -92,5 +92,5 @@ def test_unknown_preset_lists_known_names():
 
 
 def test_unknown_model_class_lists_known_ones():
-    with pytest.raises(KeyError, match="unknown model class 'Foo'; known classes"):
+    with pytest.raises(ValueError, match="unknown model class 'Foo'; known classes"):
         models.get_model("Foo")

@@ -58,7 +58,9 @@ def get_model(name: str) -> tuple[type, type]:
     """(module class, config class) for a diffusers/transformers class name."""
     models = _registry()
     if name not in models:
-        raise KeyError(f"unknown model class {name!r}; known classes: {', '.join(sorted(models))}")
+        raise ValueError(
+            f"unknown model class {name!r}; known classes: {', '.join(sorted(models))}"
+        )
     return models[name]
 
 

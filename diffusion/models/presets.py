@@ -189,5 +189,5 @@ def class_name(config: dict[str, Any]) -> str:
 def get_preset(name: str) -> dict[str, Any]:
     """A deep copy of the config dict of preset ``name`` (safe to modify)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
