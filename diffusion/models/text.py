@@ -215,7 +215,8 @@ class CLIPTextModel(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):  # fmt: skip
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.config = config
+        # The config names the class in config.json (save_diffusers); make it this one.
+        self.config = config = dataclasses.replace(config, class_name=self.diffusers_class)
         self.embeddings = CLIPTextEmbeddings(config, **kw)
         self.encoder = CLIPEncoder(config, **kw)
         self.final_layer_norm = layer_norm(
@@ -264,7 +265,7 @@ class CLIPTextModelWithProjection(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):  # fmt: skip
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.config = config
+        self.config = config = dataclasses.replace(config, class_name=self.diffusers_class)
         self.text_model = CLIPTextModel(config, **kw)
         self.text_projection = dense(
             config.hidden_size, config.projection_dim, (EMBED, None), bias=False, **kw
