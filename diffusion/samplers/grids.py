@@ -10,6 +10,7 @@ num_steps + 1 points are spaced between t_start and t_end.
     leading     diffusers "leading" timestep spacing (discrete schedules)
     trailing    diffusers "trailing" timestep spacing, Lin et al. 2024 (discrete schedules)
     logsnr      uniform in lambda = log(alpha / sigma)         (Lu et al. 2022)
+                (logsnr and karras start at t_max - t_min on flow schedules, where lambda(1) = -inf)
     quadratic   uniform in sqrt(t)                              (DPM-Solver "time_quadratic")
     karras      sigma/alpha spaced with exponent rho (Karras et al. 2022, eq. 5; rho = 7)
 """
@@ -80,10 +81,14 @@ def _time_grid(schedule, name, num_steps, t_start, t_end, rho, steps_offset):
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     t0 = float(schedule.t_max if t_start is None else t_start)
-    n_train = getattr(schedule, "num_train_timesteps", None)
-    if name in ("leading", "trailing") or (name == "linspace" and schedule.family == "vp"):
-        if n_train is None or not hasattr(schedule, "t_from_timestep"):
+    if t_start is None and name in ("logsnr", "karras") and schedule.family == "flow":
+        # lambda(1) = -inf for flow; start one training step inside, as diffusers' flow sigmas
+        t0 = schedule.t_max - schedule.t_min
+    discrete = hasattr(schedule, "t_from_timestep")
+    if name in ("leading", "trailing") or (name == "linspace" and discrete):
+        if not discrete:
             raise ValueError(f"grid {name!r} needs a discrete (DDPM-table) schedule")
+        n_train = schedule.num_train_timesteps
         if t_end != 0 or t_start is not None:
             raise ValueError(f"grid {name!r} follows diffusers: no t_start, and t_end=0")
         k = _diffusers_timesteps(name, num_steps, n_train, steps_offset)
