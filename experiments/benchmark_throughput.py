@@ -56,6 +56,7 @@ def environment(command: str) -> dict:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "loadavg_start": list(os.getloadavg()),
     }
 
@@ -287,6 +288,10 @@ def main(cfg, workdir: str, command: str | None = None) -> dict | None:
         print(NO_GPU)
         return None
     wd = Workdir(workdir, cfg)
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     res = {"env": environment(command or " ".join(sys.argv))}
     reps = cfg.repeats
     res["peaks"] = {"fp32": lib.matmul_peak(cfg.peak_n, jnp.float32, reps)}
@@ -352,7 +357,7 @@ def write_outputs(wd: Workdir, cfg, res: dict) -> None:
         f"`{env['command']}`",
         "",
         f"{env['date_utc']} UTC, device {env['device']} ({env['backend']}), "
-        f"{env['cpu_count']} CPUs; jax {env['jax']}, torch {env['torch']}, "
+        f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}; jax {env['jax']}, torch {env['torch']}, "
         f"diffusers {env['diffusers']}; load average {env['loadavg_start']} at start, "
         f"{env['loadavg_end']} at end (shared machine: medians of {cfg.repeats} "
         "interleaved repeats; read ratios, not absolute numbers).",
@@ -428,7 +433,11 @@ def write_outputs(wd: Workdir, cfg, res: dict) -> None:
 
 def _main(argv):
     del argv
-    main(_CONFIG.value, _WORKDIR.value, command="python -m " + " ".join(sys.argv))
+    main(
+        _CONFIG.value,
+        _WORKDIR.value,
+        command=" ".join(["python -m experiments.benchmark_throughput", *sys.argv[1:]]),
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ def get_config(arg=None):
     c = cpu.get_config("runlocal" if "runlocal" in variants else None)
     c.require_gpu = True
     c.variants = "fp32,bf16,bf16_remat,bf16_cudnn"
+    c.torch_threads = 0
     c.torch_compile = True
     c.torch_compile_note = "attempted (fp32 forward)"
     c.torch_compile_budget_s = 600
