@@ -57,7 +57,7 @@ def environment(command: str) -> dict:
         "diffusers": diffusers.__version__,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "loadavg_start": list(os.getloadavg()),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -316,7 +316,7 @@ def main(cfg, workdir: str, command: str | None = None) -> dict | None:
     res["sampling"] = bench_sampling(cfg) if cfg.sampling.enabled else "disabled"
     log("sampling done")
     res["scaling"] = bench_scaling(cfg) if cfg.scaling.enabled else "disabled"
-    res["env"]["loadavg_end"] = list(os.getloadavg())
+    res["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     write_outputs(wd, cfg, res)
     return res
 
@@ -357,7 +357,8 @@ def write_outputs(wd: Workdir, cfg, res: dict) -> None:
         f"`{env['command']}`",
         "",
         f"{env['date_utc']} UTC, device {env['device']} ({env['backend']}), "
-        f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}; jax {env['jax']}, torch {env['torch']}, "
+        f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}; jax {env['jax']}, "
+        f"torch {env['torch']}, "
         f"diffusers {env['diffusers']}; load average {env['loadavg_start']} at start, "
         f"{env['loadavg_end']} at end (shared machine: medians of {cfg.repeats} "
         "interleaved repeats; read ratios, not absolute numbers).",
