@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from diffusion import predictions, schedules
+from diffusion import predictions, samplers, schedules
 from diffusion.samplers import grids, unipc
 
 N_TRAIN = 1000
@@ -178,3 +178,23 @@ def test_options_validated():
         unipc.unipc(lambda x, t: x, x, schedule, ts, order=4)
     with pytest.raises(ValueError, match="bh1"):
         unipc.unipc(lambda x, t: x, x, schedule, ts, variant="bh3")
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_flow_from_alpha_zero_is_finite(variant):
+    """A grid starting at t = 1 on a flow schedule (alpha = 0, lambda = -inf) stays finite."""
+    schedule = schedules.get("rectified_flow", shift=3.0)
+    x_T = jax.random.normal(jax.random.key(0), (2, 3))
+    out = jax.jit(
+        lambda x: samplers.sample(
+            lambda x, t: 0.5 * x,
+            x,
+            schedule,
+            method="unipc",
+            num_steps=6,
+            grid="uniform_t",
+            order=3,
+            variant=variant,
+        )
+    )(x_T)
+    assert np.isfinite(np.asarray(out)).all()

@@ -23,12 +23,14 @@ rho solving R rho = b with R_ik = r_k^(i-1), b_i = hh phi_{i+1}(hh) i! / B(h) (p
 integrator functions), and rho = 1/2 for UniP-2 / UniC-1 as diffusers.
 
 A step to sigma = 0 (lambda = +inf) always uses order 1 and returns x0_hat exactly, the limit of
-the update (diffusers produces NaN there for bh1, and inf with lower_order_final=False).
+the update (diffusers produces NaN there for bh1, and inf with lower_order_final=False). A start
+at alpha = 0 (lambda = -inf, flow at t = 1) uses lambda = log(1e-6), as diffusers' flow sigmas do.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ from diffusion.samplers.base import Method, check_order, scan_steps
 
 ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
+LAMBDA_MIN = math.log(1e-6)  # ~ -13.8, below the first lambda of every VP / VE schedule here
 
 
 def _b_coeffs(h, order: int, variant: str):
@@ -99,7 +102,10 @@ def unipc(
     if variant not in VARIANTS:
         raise ValueError(f"unipc variant must be one of {VARIANTS}, got {variant!r}")
     n = ts.shape[0] - 1
-    alphas, sigmas, lams = schedule.alpha(ts), schedule.sigma(ts), schedule.logsnr(ts)
+    alphas, sigmas = schedule.alpha(ts), schedule.sigma(ts)
+    # alpha = 0 (flow at t = 1) gives lambda = -inf and an infinite h; floor it where diffusers'
+    # use_flow_sigmas starts (sigma = 1 - 1e-6), keeping every coefficient finite.
+    lams = jnp.maximum(schedule.logsnr(ts), LAMBDA_MIN)
     upd = functools.partial(_uni_bh, variant=variant)
     # Branch j of the switch: corrector of order j (0 = none) / predictor of order j + 1.
     correctors = [lambda a: a[0]] + [
