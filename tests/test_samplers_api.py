@@ -186,25 +186,17 @@ GRID_SCHEDULES = {
 DISCRETE_ONLY = ("leading", "trailing")
 
 
-# Known failures in grids.py (owned by the lead; reported): strict, so a fix shows up as XPASS.
-_GRID_XFAIL = {
-    ("linspace", "vp_linear"): "grids.time_grid sends every family=='vp' schedule to the "
-    "discrete-table branch, so 'linspace' raises for continuous VP schedules",
-    ("linspace", "vp_cosine"): "same as linspace/vp_linear",
-    ("logsnr", "rectified_flow"): "logsnr(t_max=1) = -inf for flow (alpha = 0): grid starts at NaN",
-    ("karras", "rectified_flow"): "sigma/alpha = inf at t_max=1 for flow: grid starts at NaN",
-}
+GRID_CASES = [(grid, sched_name) for grid in GRIDS for sched_name in sorted(GRID_SCHEDULES)]
 
 
-def _grid_cases():
-    for grid in GRIDS:
-        for sched_name in sorted(GRID_SCHEDULES):
-            reason = _GRID_XFAIL.get((grid, sched_name))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(grid, sched_name, marks=marks, id=f"{grid}-{sched_name}")
+def _t_start(schedule, grid):
+    """Default first time: t_max, except logsnr/karras on flow (lambda(t_max) = -inf there)."""
+    if grid in ("logsnr", "karras") and schedule.family == "flow":
+        return schedule.t_max - schedule.t_min
+    return schedule.t_max
 
 
-@pytest.mark.parametrize("grid,sched_name", list(_grid_cases()))
+@pytest.mark.parametrize("grid,sched_name", GRID_CASES)
 def test_grid_shape_order_and_endpoints(grid, sched_name):
     schedule = GRID_SCHEDULES[sched_name]
     discrete = hasattr(schedule, "t_from_timestep")
@@ -220,13 +212,13 @@ def test_grid_shape_order_and_endpoints(grid, sched_name):
         # diffusers' "leading" starts below t_max by construction, and its 1-step "linspace" is
         # timestep 0 (np.linspace(0, N - 1, 1)); test_diffusers_spacings checks both.
         if grid != "leading" and not (grid == "linspace" and discrete and n == 1):
-            np.testing.assert_allclose(ts[0], schedule.t_max, rtol=1e-6)
+            np.testing.assert_allclose(ts[0], _t_start(schedule, grid), rtol=1e-6)
         assert ts[0] <= schedule.t_max * (1 + 1e-6)
     if grid not in DISCRETE_ONLY and not (grid == "linspace" and discrete):
         t_end = 2.0 * schedule.t_min
         ts = np.asarray(samplers.time_grid(schedule, grid, 6, t_end=t_end))
         assert ts.shape == (7,) and np.all(np.diff(ts) < 0)
-        np.testing.assert_allclose([ts[0], ts[-1]], [schedule.t_max, t_end], rtol=1e-4)
+        np.testing.assert_allclose([ts[0], ts[-1]], [_t_start(schedule, grid), t_end], rtol=1e-4)
 
 
 SPACING_CASES = [
