@@ -1,0 +1,114 @@
+"""End-to-end runs of the shapes training configs (runlocal, shortened): each run writes >= 2
+checkpoints, metrics.jsonl and a sample PNG, and its loss goes down. Also checks that the MMDiT
+config's vocabulary covers every caption of the dataset (no <unk>, nothing truncated) and that
+its model dimensions agree with the text encoder's."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import shapes_mmdit_flow, shapes_vae
+from diffusion import data, tasks, train
+
+STEPS = 12  # shorter than runlocal's 40 to keep the file fast; still two checkpoints
+
+
+def _short(cfg, data_dir):
+    cfg.data.data_dir = str(data_dir)
+    cfg.total_steps, cfg.ckpt_every, cfg.log_every, cfg.sample.every = STEPS, STEPS // 2, 2, STEPS
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+def _check_run(workdir, summary):
+    assert summary["checkpoints"] == [STEPS // 2, STEPS]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        str(STEPS // 2),
+        str(STEPS),
+    ]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = np.array([r["loss"] for r in records if "loss" in r])
+    assert len(losses) == STEPS // 2 and np.all(np.isfinite(losses))
+    last_quarter = losses[-max(len(losses) // 4, 1) :]
+    assert last_quarter.mean() < losses[0], f"loss did not decrease: {losses}"
+    png = Image.open(workdir / f"samples_{STEPS:06d}.png")
+    assert png.size[0] > 0 and np.asarray(png).std() > 0  # not a constant image
+    assert (workdir / "report.md").exists() and (workdir / "config.json").exists()
+    return losses
+
+
+def test_shapes_vae_runlocal(tmp_path, data_dir):
+    cfg = _short(shapes_vae.get_config("runlocal"), data_dir)
+    summary = train.train(cfg, str(tmp_path))
+    _check_run(tmp_path, summary)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kl"] >= 0 and r["l1"] > 0 for r in records if "kl" in r)
+
+
+def test_shapes_mmdit_flow_runlocal(tmp_path, data_dir):
+    cfg = _short(shapes_mmdit_flow.get_config("runlocal"), data_dir)
+    summary = train.train(cfg, str(tmp_path))
+    _check_run(tmp_path, summary)
+
+
+def test_shapes_vocabulary_covers_captions(data_dir):
+    cfg = shapes_mmdit_flow.get_config("runlocal")
+    task = tasks.Task.from_config(cfg)
+    loader = data.make_pipeline("shapes/tiny", "train", batch_size=256, seed=0, data_dir=data_dir)
+    captions = [str(c) for c in next(iter(loader))["caption"]]
+    tokens = task.tokenize(captions)  # (B, L)
+    assert not np.any(tokens == 1), "a caption word is missing from cfg.tokenizer.vocab (<unk>)"
+    # Every caption keeps its <eos> (not truncated) and the longest one fills max_length.
+    assert np.all(np.sum(tokens == 3, axis=1) == 1)
+    assert np.all(tokens < cfg.text_encoder.config.vocab_size)
+    assert tokens.shape[1] == cfg.tokenizer.max_length
+    assert cfg.text_encoder.config.max_position_embeddings >= cfg.tokenizer.max_length
+
+
+@pytest.mark.parametrize("variant", ["", "runlocal"])
+def test_shapes_mmdit_dimensions_match_text_encoder(variant):
+    cfg = shapes_mmdit_flow.get_config(variant)
+    clip, dit = cfg.text_encoder.config, cfg.model.config
+    assert dit.joint_attention_dim == clip.hidden_size
+    assert dit.pooled_projection_dim == clip.projection_dim
+    assert (clip.bos_token_id, clip.eos_token_id, clip.pad_token_id) == (2, 3, 0)
+    assert dit.pos_embed_max_size * dit.patch_size >= dit.sample_size
+
+
+def test_unknown_variant_lists_valid_ones():
+    for module in (shapes_vae, shapes_mmdit_flow):
+        with pytest.raises(ValueError, match="runlocal"):
+            module.get_config("bogus")
+
+
+def test_eval_digits_on_runlocal_workdir(tmp_path, data_dir):
+    from configs import digits_unet_eps
+    from experiments import eval_digits
+
+    cfg = digits_unet_eps.get_config("runlocal")
+    cfg.data.data_dir = str(data_dir)
+    cfg.total_steps = cfg.ckpt_every = cfg.sample.every = 4
+    cfg.sample.num_steps = 3
+    train.train(cfg, str(tmp_path))
+    result = eval_digits.evaluate(str(tmp_path), num_per_class=3)
+    assert result["checkpoint_step"] == 4
+    assert result["real_test_accuracy"] > 0.9  # the classifier itself reads real digits
+    assert 0.0 <= result["sample_accuracy"] <= 1.0 and len(result["per_class_accuracy"]) == 10
+    confusion = np.asarray(result["confusion"])
+    assert confusion.shape == (10, 10) and np.all(confusion.sum(axis=1) == 3)
+    assert np.isclose(np.trace(confusion) / 30, result["sample_accuracy"])
+    assert json.loads((tmp_path / "eval_digits.json").read_text()) == result
+    grid = np.asarray(Image.open(tmp_path / "eval_digits.png"))
+    assert grid.shape[0] == 10 * 16 * 2  # one row of 16x16 images per class, upscaled 2x
+    with pytest.raises(ValueError, match="not a class-conditional digits run"):
+        tmp = tmp_path / "vae"
+        tmp.mkdir()
+        cfg_vae = shapes_vae.get_config("runlocal")
+        (tmp / "config.json").write_text(json.dumps(cfg_vae.to_dict()))
+        eval_digits.evaluate(str(tmp))
