@@ -28,10 +28,8 @@ def data_dir(tmp_path_factory):
 
 def _check_run(workdir, summary):
     assert summary["checkpoints"] == [STEPS // 2, STEPS]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
-        str(STEPS // 2),
-        str(STEPS),
-    ]
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [STEPS // 2, STEPS]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = np.array([r["loss"] for r in records if "loss" in r])
     assert len(losses) == STEPS // 2 and np.all(np.isfinite(losses))
