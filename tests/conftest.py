@@ -1,7 +1,17 @@
-"""Test setup: 8 fake CPU devices for sharding tests (must happen before jax is imported)."""
+"""Test setup, before jax is imported: 8 fake CPU devices for sharding tests, and cheap XLA
+compilation (the suite is dominated by compile time of tiny programs; optimisation level 0
+changes no results beyond float round-off, which every tolerance here allows)."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_FLAGS = (
+    "--xla_force_host_platform_device_count=8",
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+)
+_existing = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+    [_existing] + [f for f in _FLAGS if f.split("=")[0] not in _existing]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
