@@ -120,4 +120,5 @@ def check_grid(ts):
             f"grid must be strictly decreasing (noise -> data); ts[{bad}]={arr[bad]} "
             f"<= ts[{bad + 1}]={arr[bad + 1]}"
         )
-    return jnp.asarray(arr, dtype=jnp.result_type(float))
+    with jax.ensure_compile_time_eval():  # stays concrete inside jit (methods may need values)
+        return jnp.asarray(arr, dtype=jnp.result_type(float))
