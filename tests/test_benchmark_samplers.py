@@ -25,7 +25,7 @@ def test_writes_workdir(result):
     for name in ("config.json", "metrics.jsonl", "report.md", "error_vs_nfe.png", "samples.png"):
         assert (wd / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r["kind"] == "run" for r in records) == len(summary["rows"]) == 8
+    assert sum(r["kind"] == "run" for r in records) == len(summary["rows"]) == 10
     assert "Empirical convergence order" in (wd / "report.md").read_text()
 
 

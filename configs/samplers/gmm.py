@@ -46,7 +46,7 @@ def get_config(arg=None):
     c.x64 = True  # float64 so high-order errors are not floored by float32 round-off
     c.scatter_nfe = 10
     if "runlocal" in variants:
-        c.methods = "ddim,heun,dpmpp_2m,ddpm"
+        c.methods = "ddim,heun,dpmpp_2m,dpm_solver_fast,ddpm"
         c.nfes = (6, 12)
         c.num_samples = 200
         c.timing_repeats = 1
