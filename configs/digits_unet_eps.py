@@ -67,6 +67,7 @@ def get_config(arg=None):
         "method": "dpmpp_2m",
         "num_steps": 20,
         "guidance_scale": 2.0,
+        "clip_x0": (-1.0, 1.0),  # alpha(t_max) ~ 5e-5 on this table: clip x0_hat (clip_sample)
     }
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     c.fsdp_min_size = 2**16

@@ -155,6 +155,10 @@ class Task:
         else:  # classifier-free guidance: one batched [uncond, cond] network call per step
             null = jax.tree.map(lambda n: n[None], self.null_condition())
             denoise = guidance.cfg_denoiser(fn, s, ptype, cond, null, guidance_scale)
+        if self.cfg.sample.get("clip_x0"):  # pixel data in [-1, 1]: as diffusers' clip_sample
+            lo, hi = self.cfg.sample.clip_x0
+            unclipped = denoise
+            denoise = lambda x, t: jnp.clip(unclipped(x, t), lo, hi)
         x_T = samplers.prior(s, jax.random.fold_in(rng, 0), shape)
         return samplers.sample(
             denoise, x_T, s, method=method, num_steps=num_steps, rng=jax.random.fold_in(rng, 1)
