@@ -32,6 +32,12 @@ def tiny_config(data_dir, **over):
     c.data.batch_size = 16
     c.sample.every = 0
     c.log_every = 1
+    c.mesh = {
+        "data": 1,
+        "fsdp": 1,
+        "tensor": 1,
+        "num_devices": 1,
+    }  # 8-device SPMD compiles are slow
     for k, v in over.items():
         node, *path = k.split(".")
         target = c if not path else c[node]

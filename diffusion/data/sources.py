@@ -19,8 +19,11 @@ DATASETS = {"digits": Digits, "gmm": Gmm, "shapes": Shapes}
 
 
 def default_data_dir(data_dir: str | None = None) -> str:
-    """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (tfds's default)."""
-    if data_dir is not None:
+    """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (tfds's default).
+
+    An empty string means "default" (configs use "" so the CLI can override it), never the
+    current directory."""
+    if data_dir:
         return os.fspath(data_dir)
     return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
