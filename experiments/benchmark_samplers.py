@@ -106,9 +106,11 @@ def compile_scaling(gmm, schedule, cfg, x_T, rng, t_end):
 
 def plot_errors(rows, path):
     fig, ax = plt.subplots(figsize=(7, 5))
-    for lab in dict.fromkeys(r["method"] for r in rows if not r["stochastic"]):
+    labels = dict.fromkeys(r["method"] for r in rows if not r["stochastic"])
+    for i, lab in enumerate(labels):
         pts = sorted((r["nfe"], r["rms_error"]) for r in rows if r["method"] == lab)
-        ax.loglog(*zip(*pts), marker="o", label=lab)
+        style = "-" if i < 10 else "--"  # the default colour cycle repeats after 10
+        ax.loglog(*zip(*pts), style, marker="o", label=lab)
     ax.set(xlabel="NFE", ylabel="RMS error vs reference ODE solution", title="Error vs NFE")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
