@@ -12,12 +12,14 @@ from PIL import Image
 from configs import shapes_mmdit_flow, shapes_vae
 from diffusion import data, tasks, train
 
+ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1, "num_devices": 1}
 STEPS = 12  # shorter than runlocal's 40 to keep the file fast; still two checkpoints
 
 
 def _short(cfg, data_dir):
     cfg.data.data_dir = str(data_dir)
     cfg.total_steps, cfg.ckpt_every, cfg.log_every, cfg.sample.every = STEPS, STEPS // 2, 2, STEPS
+    cfg.mesh = ONE_DEVICE  # 8-fake-device SPMD compiles are slow; sharding is tested elsewhere
     return cfg
 
 
@@ -93,6 +95,7 @@ def test_eval_digits_on_runlocal_workdir(tmp_path, data_dir):
     cfg.data.data_dir = str(data_dir)
     cfg.total_steps = cfg.ckpt_every = cfg.sample.every = 4
     cfg.sample.num_steps = 3
+    cfg.mesh = ONE_DEVICE
     train.train(cfg, str(tmp_path))
     result = eval_digits.evaluate(str(tmp_path), num_per_class=3)
     assert result["checkpoint_step"] == 4
