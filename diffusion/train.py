@@ -132,7 +132,8 @@ def check_compatible(ckpt: checkpoint.Checkpointer, abstract) -> None:
         meta = meta.item_metadata
         have = _shapes_by_path(meta.tree if hasattr(meta, "tree") else meta)
         want = _shapes_by_path(abstract)
-        for key in sorted(set(want) | set(have)):
+        # params/ first: they name the module a person will recognise (ema/ and opt/ mirror them)
+        for key in sorted(set(want) | set(have), key=lambda k: (not k.startswith("params/"), k)):
             if want.get(key) != have.get(key):
                 raise ValueError(
                     f"checkpoint step {step} in {ckpt.directory} does not match this model "

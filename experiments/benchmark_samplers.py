@@ -24,9 +24,6 @@ from diffusion.workdir import Workdir, markdown_table
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/samplers/*.py[:variants]")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
-
 
 def parse_methods(spec: str) -> list[tuple[str, dict]]:
     """'ddim,dpm_solver:order=2' -> [('ddim', {}), ('dpm_solver', {'order': 2})]."""
@@ -243,9 +240,12 @@ def write_report(wd: Workdir, cfg, s: dict) -> str:
 
 def main(argv):
     del argv
-    benchmark(_CONFIG.value, _WORKDIR.value)
+    benchmark(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a script, so experiments modules import together.
+    config_flags.DEFINE_config_file("config", None, "configs/samplers/*.py[:variants]")
+    flags.DEFINE_string("workdir", None, "output directory")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -30,8 +30,6 @@ from diffusion.workdir import Workdir, markdown_table
 from experiments import throughput_lib as lib
 from experiments.throughput_report import write_outputs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/bench/*.py[:variants]")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 NO_GPU = "no GPU present: run configs/bench/gpu.py on a GPU host"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -330,12 +328,15 @@ def run_all(cfg, wd: Workdir, command: str) -> dict:
 def _main(argv):
     del argv
     main(
-        _CONFIG.value,
-        _WORKDIR.value,
+        flags.FLAGS.config,
+        flags.FLAGS.workdir,
         command=" ".join(["python -m experiments.benchmark_throughput", *sys.argv[1:]]),
     )
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a script, so experiments modules import together.
+    config_flags.DEFINE_config_file("config", None, "configs/bench/*.py[:variants]")
+    flags.DEFINE_string("workdir", None, "output directory")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(_main)

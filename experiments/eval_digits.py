@@ -26,11 +26,6 @@ from flax import nnx
 from diffusion import checkpoint, data, sharding, tasks, train
 from diffusion.workdir import Workdir, markdown_table
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a digits training run's workdir")
-_NUM = flags.DEFINE_integer("num_per_class", 50, "samples per class label")
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir (default: the run's)")
-
 
 def real_digits(name: str, split: str, data_dir=None) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, H*W*C) in [-1, 1] as in training, labels (N,)) of a digits split."""
@@ -135,7 +130,9 @@ def evaluate(workdir: str, num_per_class: int = 50, seed: int = 0, data_dir=None
 
 def main(argv):
     del argv
-    r = evaluate(_WORKDIR.value, _NUM.value, _SEED.value, _DATA_DIR.value)
+    r = evaluate(
+        flags.FLAGS.workdir, flags.FLAGS.num_per_class, flags.FLAGS.seed, flags.FLAGS.data_dir
+    )
     rows = [{"class": c, "accuracy": a} for c, a in enumerate(r["per_class_accuracy"])]
     rows.append({"class": "mean", "accuracy": r["sample_accuracy"]})
     print(markdown_table(rows, ["class", "accuracy"]))
@@ -147,5 +144,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a script, so experiments modules import together.
+    flags.DEFINE_string("workdir", None, "a digits training run's workdir")
+    flags.DEFINE_integer("num_per_class", 50, "samples per class label")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    flags.DEFINE_string("data_dir", None, "tfds data_dir (default: the run's)")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)
