@@ -1,4 +1,4 @@
-"""Class-conditional pixel U-Net on 16x16 digits trained with rectified flow (velocity
+"""Class-conditional pixel U-Net on 8x8 digits trained with rectified flow (velocity
 prediction, SD3 logit-normal time density), sampled with Euler on the flow ODE.
 
     python -m experiments.train --config configs/digits_unet_flow.py --workdir /tmp/digits_flow

@@ -143,16 +143,19 @@ def check_compatible(ckpt: checkpoint.Checkpointer, abstract) -> None:
         return
 
 
-def save_grid(images, path, ncol=8):
-    x = np.asarray(jnp.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)  # (N, H, W, C)
+def save_grid(images, path, ncol=8, pad=2):
+    """(N, H, W, C) images in [-1, 1] -> a PNG grid, row-major, ncol per row; each image upscaled
+    (nearest) to at least 32 px and separated by pad grey pixels."""
+    x = np.asarray(jnp.clip((images + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+    scale = max(2, 32 // x.shape[2])
+    x = x.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = x.shape
     nrow = -(-n // ncol)
-    grid = np.zeros((nrow * h, ncol * w, c), np.uint8)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 128, np.uint8)
     for i in range(n):
-        grid[(i // ncol) * h : (i // ncol + 1) * h, (i % ncol) * w : (i % ncol + 1) * w] = x[i]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).resize((ncol * w * 2, nrow * h * 2), 0).save(
-        path
-    )
+        top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        grid[top : top + h, left : left + w] = x[i]
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
 def make_sampler(cfg, task, graphdef, example):
@@ -264,6 +267,8 @@ def _loop(cfg, wd, task, mesh, run) -> dict:
         writer = SummaryWriter(wd.file("tb"))
     t0, losses_seen = time.perf_counter(), []
     steps = range(start, cfg.total_steps)
+    next_batch = lambda: sharding.make_global_batch(task.prepare_batch(next(it)), mesh)
+    batch = next_batch() if steps else None
     try:
         for step in tqdm(
             steps,
@@ -272,8 +277,10 @@ def _loop(cfg, wd, task, mesh, run) -> dict:
             desc="train",
             disable=jax.process_index() != 0,
         ):
-            batch = sharding.make_global_batch(task.prepare_batch(next(it)), mesh)
-            state, metrics = run["step_fn"](state, batch)
+            state, metrics = run["step_fn"](state, batch)  # dispatched asynchronously
+            data_state = it.get_state()  # the iterator after this step's batch
+            if step + 1 < cfg.total_steps:  # read the next batch while this step computes
+                batch = next_batch()
             loss, pnorm = float(metrics["loss"]), float(metrics["param_norm"])
             if not (np.isfinite(loss) and np.isfinite(pnorm)):
                 raise NonFiniteLossError(
@@ -290,11 +297,12 @@ def _loop(cfg, wd, task, mesh, run) -> dict:
                 for k, v in m.items() if writer else ():
                     writer.add_scalar(f"train/{k}", v, done)
             if done % cfg.ckpt_every == 0 or done == cfg.total_steps:
-                ckpt.save(done, state, data_state=it.get_state(), metrics={"loss": loss})
+                ckpt.save(done, state, data_state=data_state, metrics={"loss": loss})
             if cfg.sample.every > 0 and (done % cfg.sample.every == 0 or done == cfg.total_steps):
                 images = run["sample_fn"](state["ema"], state["rest"], jax.random.key(done))
                 if jax.process_index() == 0:
-                    save_grid(images, wd.file(f"samples_{done:06d}.png"))
+                    ncol = cfg.num_classes if cfg.get("conditioning") == "class" else 8
+                    save_grid(images, wd.file(f"samples_{done:06d}.png"), ncol)  # column = class
         ckpt.wait_until_finished()
         saved = ckpt.all_steps()
     finally:  # let an async save finish (or fail loudly) before leaving

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from _reference import TanhNet
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
@@ -17,21 +18,8 @@ from diffusion import analytic, metrics, predictions, samplers, schedules
 
 B, D, N_TRAIN = 4, 3, 1000
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-_rs = np.random.RandomState(0)
-W = _rs.randn(D, D) / np.sqrt(D)
-BIAS = _rs.randn(D)
-X_T = _rs.randn(B, D)
-
-
-def model_torch(x, k):
-    k = float(k)
-    return torch.tanh(
-        x @ torch.from_numpy(W) * (0.5 + k / 1000) + torch.from_numpy(BIAS) * np.cos(k / 300)
-    )
-
-
-def model_jax(x, k):
-    return jnp.tanh(x @ jnp.asarray(W) * (0.5 + k / 1000) + jnp.asarray(BIAS) * jnp.cos(k / 300))
+NET = TanhNet(B, D)
+model_torch, model_jax, X_T = NET.torch, NET.jax, NET.x_T
 
 
 def grid_from_timesteps(scheduler, final_t):

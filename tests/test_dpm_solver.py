@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from _reference import Counter, TanhNet
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 
 from diffusion import analytic, predictions, samplers, schedules
@@ -25,38 +26,8 @@ from diffusion.samplers.dpm_solver_single import fast_orders
 from diffusion.samplers.grids import time_grid
 
 B, D, N_TRAIN = 3, 4, 1000
-_rs = np.random.RandomState(0)
-W = _rs.randn(D, D) / np.sqrt(D)
-BIAS = _rs.randn(D)
-X_T = _rs.randn(B, D)
-
-
-def model_torch(x, k):
-    k = float(k)
-    return torch.tanh(
-        x @ torch.from_numpy(W) * (0.5 + k / 1000) + torch.from_numpy(BIAS) * np.cos(k / 300)
-    )
-
-
-def model_jax(x, k):
-    return jnp.tanh(x @ jnp.asarray(W) * (0.5 + k / 1000) + jnp.asarray(BIAS) * jnp.cos(k / 300))
-
-
-class Counter:
-    """Counts denoiser calls at run time (jax.debug.callback fires once per executed call)."""
-
-    def __init__(self):
-        self.n = 0
-
-    def inc(self):
-        self.n += 1
-
-    def wrap(self, den):
-        def f(x, t):
-            jax.debug.callback(self.inc)
-            return den(x, t)
-
-        return f
+NET = TanhNet(B, D)
+model_torch, model_jax, X_T = NET.torch, NET.jax, NET.x_T
 
 
 def diffusers_run(scheduler, num_steps, flow=False, noises=None):

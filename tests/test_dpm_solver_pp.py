@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import Counter
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 from test_dpm_solver import (
     X_T,
-    Counter,
     count_default_grid,
     diffusers_run,
     empirical_order,

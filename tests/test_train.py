@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare("digits/16x16", d)
+    data.prepare("digits", d)
     return d
 
 

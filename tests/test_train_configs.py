@@ -106,7 +106,8 @@ def test_eval_digits_on_runlocal_workdir(tmp_path, data_dir):
     assert np.isclose(np.trace(confusion) / 30, result["sample_accuracy"])
     assert json.loads((tmp_path / "eval_digits.json").read_text()) == result
     grid = np.asarray(Image.open(tmp_path / "eval_digits.png"))
-    assert grid.shape[0] == 10 * 16 * 2  # one row of 16x16 images per class, upscaled 2x
+    tile = cfg.model.config.sample_size * max(2, 32 // cfg.model.config.sample_size)
+    assert grid.shape[0] == 10 * (tile + 2) + 2  # one row per class, upscaled, 2 px apart
     with pytest.raises(ValueError, match="not a class-conditional digits run"):
         tmp = tmp_path / "vae"
         tmp.mkdir()

@@ -84,9 +84,11 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.require_gpu = False
     c.variants = "fp32"  # ours: comma list of fp32 / bf16 [_remat] [_xla / _cudnn]
-    # torch intra-op threads (0: torch's default). Measured here under load ~15: the U-Net forward
-    # took 0.5-1.2 s with 1 thread and 5.7-10.8 s with 2 (OpenMP threads spinning on busy cores).
-    c.torch_threads = 1
+    # torch intra-op threads (0: torch's default, one per core, like XLA's CPU thread pool). On a
+    # loaded machine 1 thread can be faster (measured under load ~15: U-Net forward 0.5-1.2 s with 1
+    # thread, 5.7-10.8 s with 2, OpenMP threads spinning on busy cores), but it halves torch's share
+    # of an idle machine, so the comparison uses the default.
+    c.torch_threads = 0
     c.torch_compile = False
     c.torch_compile_note = TORCH_COMPILE_NOTE
     c.torch_compile_budget_s = 300
