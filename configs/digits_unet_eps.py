@@ -7,8 +7,9 @@ Produces samples_*.png grids (column = digit 0..9, guidance 2, DPM-Solver++(2M),
 person reads as digits after the full run (2000 steps, about 10 minutes on 2 CPU cores; measured:
 python -m experiments.eval_digits --workdir W classifies the samples as their digits, see the
 README), metrics.jsonl, TensorBoard events and checkpoints. `:runlocal` trains 40 steps (under 2
-minutes) and saves two checkpoints; `:flow` switches to rectified flow with velocity
-prediction (see configs/digits_unet_flow.py). Re-running with the same workdir resumes from the last checkpoint.
+minutes) and saves two checkpoints; `:flow` switches to rectified flow with velocity prediction
+(see configs/digits_unet_flow.py). Re-running with the same workdir resumes from the last
+checkpoint.
 """
 
 import ml_collections

@@ -55,6 +55,7 @@ def environment(command: str) -> dict:
         "diffusers": diffusers.__version__,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -267,17 +268,20 @@ def ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["impl"] != "ours":
             continue
-        t = ref[(r["model"], r["size"], "bf16" if r["variant"].startswith("bf16") else "fp32")]
-        out.append(
-            {
-                "model": r["model"],
-                "size": r["size"],
-                "variant": r["variant"],
-                "vs": t["variant"],
-                "fwd_ratio": r["fwd_samples_s"] / t["fwd_samples_s"],
-                "train_ratio": r["train_samples_s"] / t["train_samples_s"],
-            }
-        )
+        dtype = "bf16" if r["variant"].startswith("bf16") else "fp32"
+        t = ref[(r["model"], r["size"], dtype)]
+        row = {
+            "model": r["model"],
+            "size": r["size"],
+            "variant": r["variant"],
+            "vs": t["variant"],
+            "fwd_ratio": r["fwd_samples_s"] / t["fwd_samples_s"],
+            "train_ratio": r["train_samples_s"] / t["train_samples_s"],
+        }
+        compiled = ref.get((r["model"], r["size"], f"{dtype}+compile"))
+        if compiled is not None:  # torch.compile'd diffusers forward (inductor)
+            row["fwd_ratio_vs_compile"] = r["fwd_samples_s"] / compiled["fwd_samples_s"]
+        out.append(row)
     return out
 
 

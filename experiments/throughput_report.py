@@ -49,7 +49,8 @@ def write_outputs(wd: Workdir, cfg, res: dict) -> None:
         f"`{env['command']}`",
         "",
         f"{env['date_utc']} UTC, device {env['device']} ({env['backend']}), "
-        f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}; jax {env['jax']}, "
+        f"{env['cpu_count']} CPUs, torch threads {env['torch_threads']}, "
+        f"XLA_FLAGS '{env.get('xla_flags', '')}'; jax {env['jax']}, "
         f"torch {env['torch']}, "
         f"diffusers {env['diffusers']}; load average {env['loadavg_start']} at start, "
         f"{env['loadavg_end']} at end (shared machine: medians of {cfg.repeats} "
@@ -60,8 +61,11 @@ def write_outputs(wd: Workdir, cfg, res: dict) -> None:
         "",
         "## Ratios (samples/s ours / diffusers eager, same dtype; > 1 means ours is faster)",
         "",
+        "fwd_ratio_vs_compile: against the torch.compile'd diffusers forward, where it compiled.",
+        "",
         markdown_table(
-            res["ratios"], ["model", "size", "variant", "vs", "fwd_ratio", "train_ratio"]
+            res["ratios"],
+            ["model", "size", "variant", "vs", "fwd_ratio", "train_ratio", "fwd_ratio_vs_compile"],
         ),
         "",
         "## Per model",
