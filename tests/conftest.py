@@ -14,4 +14,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     [_existing] + [f for f in _FLAGS if f.split("=")[0] not in _existing]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two xdist workers share the 2 cores: one OpenMP thread each for torch / BLAS (more threads spin
+# on busy cores and made torch calls several times slower under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

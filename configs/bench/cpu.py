@@ -86,7 +86,7 @@ def get_config(arg=None):
     # loaded machine 1 thread can be faster (measured under load ~15: U-Net forward 0.5-1.2 s with 1
     # thread, 5.7-10.8 s with 2, OpenMP threads spinning on busy cores), but it halves torch's share
     # of an idle machine, so the comparison uses the default.
-    c.torch_threads = 0
+    c.torch_threads = 1 if runlocal else 0  # runlocal runs in the test suite beside another worker
     c.torch_compile = not runlocal  # forward only; see the note above
     c.torch_compile_note = TORCH_COMPILE_NOTE
     c.torch_compile_budget_s = 300
