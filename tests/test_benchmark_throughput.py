@@ -105,3 +105,19 @@ def test_gpu_config_without_gpu(tmp_path, capsys):
     assert bench.NO_GPU in capsys.readouterr().out
     with pytest.raises(ValueError, match="runlocal"):
         cpu.get_config("bogus")
+
+
+def test_gpu_variants_run_on_cpu():
+    """The GPU config's bf16 and remat variants (never run on a GPU here) build, compile and run
+    on the CPU against diffusers in the same dtype; remat recomputes the forward, so XLA counts
+    more train-step FLOPs than without it."""
+    cfg = gpu.get_config("runlocal")
+    cfg.variants, cfg.torch_threads, cfg.torch_compile = "fp32,bf16,bf16_remat", 1, False
+    rows, _ = bench.bench_model(cfg, "mmdit", cfg.mmdit.sizes[0], {"fp32": 1e11, "bf16": 1e11})
+    ours = {r["variant"]: r for r in rows if r["impl"] == "ours"}
+    assert set(ours) == {"fp32", "bf16", "bf16_remat"}
+    assert {r["variant"] for r in rows if r["impl"] == "diffusers"} == {"fp32", "bf16"}
+    for r in bench.ratios(rows):
+        assert r["vs"] == ("bf16" if r["variant"].startswith("bf16") else "fp32")
+        assert _finite_positive(r["fwd_ratio"]) and _finite_positive(r["train_ratio"])
+    assert ours["bf16_remat"]["gflop_train"] > 1.1 * ours["bf16"]["gflop_train"]
