@@ -15,7 +15,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel as T
 from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
 from flax import nnx
 
-from diffusion.models import layers
+from diffusion.models import layers, resnet
 from diffusion.models.convert import load_torch_state_dict
 from diffusion.models.unet_blocks import BlockOptions, Transformer2DModel
 
@@ -130,7 +130,7 @@ def test_resnet_block(c_in, c_out, norm):
     torch.manual_seed(0)
     kw = dict(temb_channels=24, groups=4, eps=1e-6, time_embedding_norm=norm)
     ref = TorchResnetBlock2D(in_channels=c_in, out_channels=c_out, **kw)
-    ours = _load(layers.ResnetBlock2D(c_in, c_out, **kw, rngs=RNGS), ref)
+    ours = _load(resnet.ResnetBlock2D(c_in, c_out, **kw, rngs=RNGS), ref)
     assert (ours.conv_shortcut is None) == (c_in == c_out)
     x, temb = _randn(2, 6, 6, c_in), _randn(2, 24, seed=1)
     assert _rel(ours(x, temb), _nhwc(ref(_nchw(x), torch.tensor(temb)))) <= 1e-5
@@ -140,10 +140,10 @@ def test_resnet_block(c_in, c_out, norm):
 def test_downsample(padding):
     torch.manual_seed(0)
     ref = TorchDownsample2D(8, use_conv=True, out_channels=16, padding=padding, name="op")
-    ours = _load(layers.Downsample2D(8, out_channels=16, padding=padding, rngs=RNGS), ref)
+    ours = _load(resnet.Downsample2D(8, out_channels=16, padding=padding, rngs=RNGS), ref)
     x = _randn(2, 7, 8, 8)
     assert _rel(ours(x), _nhwc(ref(_nchw(x)))) <= 1e-5
-    pool = layers.Downsample2D(8, use_conv=False, rngs=RNGS)
+    pool = resnet.Downsample2D(8, use_conv=False, rngs=RNGS)
     want = _nhwc(TorchDownsample2D(8, use_conv=False)(_nchw(x[:, :6])))
     assert _rel(pool(x[:, :6]), want) <= 1e-6
 
@@ -151,7 +151,7 @@ def test_downsample(padding):
 def test_upsample_with_and_without_size():
     torch.manual_seed(0)
     ref = TorchUpsample2D(8, use_conv=True, out_channels=8)
-    ours = _load(layers.Upsample2D(8, out_channels=8, rngs=RNGS), ref)
+    ours = _load(resnet.Upsample2D(8, out_channels=8, rngs=RNGS), ref)
     x = _randn(2, 4, 5, 8)
     assert _rel(ours(x), _nhwc(ref(_nchw(x)))) <= 1e-5
     assert _rel(ours(x, (7, 9)), _nhwc(ref(_nchw(x), output_size=(7, 9)))) <= 1e-5
@@ -173,9 +173,9 @@ def test_spatial_transformer(linear):
 
 
 def test_bf16_compute_with_fp32_params():
-    block = layers.ResnetBlock2D(16, 32, temb_channels=8, groups=4, rngs=RNGS, dtype=jnp.bfloat16)
+    block = resnet.ResnetBlock2D(16, 32, temb_channels=8, groups=4, rngs=RNGS, dtype=jnp.bfloat16)
     y = block(jnp.ones((1, 4, 4, 16)), jnp.ones((1, 8)))
     assert y.dtype == jnp.bfloat16 and block.conv1.kernel.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(y)))
     with pytest.raises(ValueError, match="scale_shift"):
-        layers.ResnetBlock2D(4, time_embedding_norm="ada_group", groups=2, rngs=RNGS)
+        resnet.ResnetBlock2D(4, time_embedding_norm="ada_group", groups=2, rngs=RNGS)

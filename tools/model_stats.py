@@ -9,7 +9,8 @@ python -m tools.model_stats --out stats.json
 python -m tools.model_stats --bench --out bench.json [--runs 5]
     For a small shared config per family: forward wall time of our jitted module vs the
     diffusers/transformers PyTorch module with the same weights on this CPU (median of
-    --runs after warmup), with the ratio torch/ours.
+    --runs interleaved calls after warmup), with the ratio torch/ours. The fuller, reported
+    comparison is experiments/benchmark_throughput.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import tempfile
 import time
 
@@ -28,6 +28,7 @@ from flax import nnx
 
 import diffusion.models as models
 from diffusion.models import presets
+from experiments.throughput_lib import interleaved
 
 # Token counts of the published pipelines: CLIP 77; SD3 joint context = 77 CLIP + 256 T5.
 _CONTEXT_LEN = {"SD3Transformer2DModel": 333}
@@ -160,16 +161,6 @@ def _torch_model(config: dict):
     return getattr(diffusers, name).from_config(config).eval()
 
 
-def _median_time(fn, runs: int) -> float:
-    fn()  # warmup (compile for jax)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_family(family: str, batch: int, runs: int) -> dict:
     """Median forward seconds of ours (jit) vs PyTorch on the same weights and inputs."""
     import torch
@@ -195,7 +186,9 @@ def bench_family(family: str, batch: int, runs: int) -> dict:
         with torch.no_grad():
             return t_fwd(*t_args, **t_kwargs)
 
-    ours_s, torch_s = _median_time(run_ours, runs), _median_time(run_torch, runs)
+    # Interleaved calls (as benchmark_throughput): the shared machine's load hits both alike.
+    sec = interleaved({"ours": run_ours, "torch": run_torch}, runs)
+    ours_s, torch_s = sec["ours"], sec["torch"]
     return {
         "family": family,
         "class": name,

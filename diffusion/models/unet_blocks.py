@@ -15,16 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion.models.layers import (
-    Attention,
-    Downsample2D,
-    FeedForward,
-    ResnetBlock2D,
-    Upsample2D,
-    conv,
-    group_norm,
-    linear,
-)
+from diffusion.models.layers import Attention, FeedForward, conv, group_norm, linear
+from diffusion.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 # diffusers block names -> (our block kind, attention kind)
 DOWN_BLOCKS = {
