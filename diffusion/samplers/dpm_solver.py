@@ -35,31 +35,12 @@ def singlestep_nfe(num_steps: int, order: int, intermediate: str, ends_at_zero: 
     return order * num_steps - (order - 1) * int(ends_at_zero)
 
 
-def run(
-    denoise_fn,
-    x,
-    schedule,
-    ts,
-    *,
-    rng=None,
-    order: int = 3,
-    solver_type: str = "midpoint",
-    intermediate: str = "logsnr",
-    lower_order_final: bool = True,
-):
-    """Singlestep DPM-Solver-`order` (noise prediction) over the grid ts.
-
-    lower_order_final is used by intermediate="grid" only (diffusers' order list).
-    """
-    del rng
-    check_order("dpm_solver", order, (1, 2, 3))
-    single.check_options("dpm_solver", solver_type, intermediate)
-    kw = dict(algorithm="dpmsolver", solver_type=solver_type)
-    if intermediate == "grid":
-        return single.run_grid(
-            denoise_fn, x, schedule, ts, order=order, lower_order_final=lower_order_final, **kw
-        )
-    return single.run_paper(denoise_fn, x, schedule, ts, [order] * (ts.shape[0] - 1), **kw)
+run = single.singlestep_runner(
+    "dpm_solver",
+    "dpmsolver",
+    3,
+    """Singlestep DPM-Solver-`order` (noise prediction) over the grid ts.""",
+)
 
 
 def nfe(num_steps, *, order=3, solver_type="midpoint", intermediate="logsnr", **_):
@@ -76,39 +57,11 @@ def run_fast(denoise_fn, x, schedule, ts, *, rng=None, solver_type: str = "midpo
     )
 
 
-def run_multistep(
-    denoise_fn,
-    x,
-    schedule,
-    ts,
-    *,
-    rng=None,
-    order: int = 2,
-    solver_type: str = "midpoint",
-    lower_order_final: bool = True,
-    euler_at_final: bool = False,
-    third_order: str = "diffusers",
-):
-    """Multistep DPM-Solver-`order` (noise prediction), diffusers' order rules.
-
-    third_order: "diffusers" (parity; globally second order) or "taylor" (true third order), see
-    dpm_solver_multi.
-    """
-    del rng
-    check_order("dpm_solver_multistep", order, (1, 2, 3))
-    single.check_options("dpm_solver_multistep", solver_type)
-    return multi.run_multistep(
-        denoise_fn,
-        x,
-        schedule,
-        ts,
-        algorithm="dpmsolver",
-        order=order,
-        solver_type=solver_type,
-        lower_order_final=lower_order_final,
-        euler_at_final=euler_at_final,
-        third_order=third_order,
-    )
+run_multistep = multi.multistep_runner(
+    "dpm_solver_multistep",
+    "dpmsolver",
+    """Multistep DPM-Solver-`order` (noise prediction), diffusers' order rules.""",
+)
 
 
 def _nfe_multistep(num_steps, *, order=2, **_):

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion.samplers.base import scan_steps
-from diffusion.samplers.dpm_solver_single import coeffs, model_output, point
+from diffusion.samplers.base import check_order, scan_steps
+from diffusion.samplers.dpm_solver_single import check_options, coeffs, model_output, point
 
 THIRD_ORDER = ("diffusers", "taylor")
 
@@ -120,3 +120,33 @@ def run_multistep(
     lam_T = point(schedule, ts[0], dtype).lam
     carry = (x, zeros, zeros, lam_T, lam_T)
     return scan_steps(step, carry, ts)[0]
+
+
+def multistep_runner(method: str, algorithm: str, doc: str):
+    """The `run` of a multistep method with diffusers' order rules (`order` 1-3; third_order:
+    "diffusers" for parity, globally second order, or "taylor", a true third order)."""
+
+    def run(
+        denoise_fn,
+        x,
+        schedule,
+        ts,
+        *,
+        rng=None,
+        order: int = 2,
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        third_order: str = "diffusers",
+    ):
+        del rng
+        check_order(method, order, (1, 2, 3))
+        check_options(method, solver_type)
+        return run_multistep(
+            denoise_fn, x, schedule, ts, algorithm=algorithm, order=order,
+            solver_type=solver_type, lower_order_final=lower_order_final,
+            euler_at_final=euler_at_final, third_order=third_order,
+        )  # fmt: skip
+
+    run.__doc__ = doc
+    return run

@@ -30,28 +30,12 @@ from diffusion.samplers.dpm_solver import singlestep_nfe
 PAPER = "DPM-Solver++ (Lu et al. 2022b, arXiv:2211.01095)"
 
 
-def run_singlestep(
-    denoise_fn,
-    x,
-    schedule,
-    ts,
-    *,
-    rng=None,
-    order: int = 2,
-    solver_type: str = "midpoint",
-    intermediate: str = "logsnr",
-    lower_order_final: bool = True,
-):
-    """Singlestep DPM-Solver++(`order`S) over the grid ts (lower_order_final: "grid" only)."""
-    del rng
-    check_order("dpmpp_singlestep", order, (1, 2, 3))
-    single.check_options("dpmpp_singlestep", solver_type, intermediate)
-    kw = dict(algorithm="dpmsolver++", solver_type=solver_type)
-    if intermediate == "grid":
-        return single.run_grid(
-            denoise_fn, x, schedule, ts, order=order, lower_order_final=lower_order_final, **kw
-        )
-    return single.run_paper(denoise_fn, x, schedule, ts, [order] * (ts.shape[0] - 1), **kw)
+run_singlestep = single.singlestep_runner(
+    "dpmpp_singlestep",
+    "dpmsolver++",
+    2,
+    """Singlestep DPM-Solver++(`order`S) over the grid ts.""",
+)
 
 
 def run_2s(
@@ -72,32 +56,11 @@ def run_2s(
     )  # fmt: skip
 
 
-def run_multistep(
-    denoise_fn,
-    x,
-    schedule,
-    ts,
-    *,
-    rng=None,
-    order: int = 2,
-    solver_type: str = "midpoint",
-    lower_order_final: bool = True,
-    euler_at_final: bool = False,
-    third_order: str = "diffusers",
-):
-    """Multistep DPM-Solver++(`order`M) over the grid ts (diffusers' order rules).
-
-    third_order: "diffusers" (parity; globally second order) or "taylor" (true third order), see
-    dpm_solver_multi.
-    """
-    del rng
-    check_order("dpmpp_multistep", order, (1, 2, 3))
-    single.check_options("dpmpp_multistep", solver_type)
-    return multi.run_multistep(
-        denoise_fn, x, schedule, ts, algorithm="dpmsolver++", order=order,
-        solver_type=solver_type, lower_order_final=lower_order_final,
-        euler_at_final=euler_at_final, third_order=third_order,
-    )  # fmt: skip
+run_multistep = multi.multistep_runner(
+    "dpmpp_multistep",
+    "dpmsolver++",
+    """Multistep DPM-Solver++(`order`M) over the grid ts (diffusers' order rules).""",
+)
 
 
 def _fixed_order_multistep(order, doc):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion.samplers.base import scan_steps
+from diffusion.samplers.base import check_order, scan_steps
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -255,6 +255,37 @@ def run_grid(denoise_fn, x, schedule, ts, *, algorithm, solver_type, order, lowe
 
 
 # ------------------------------------------------------------------- DPM-Solver-fast
+
+
+def singlestep_runner(method: str, algorithm: str, default_order: int, doc: str):
+    """The `run` of a singlestep method over ts: intermediate="logsnr" takes the paper's points
+    (run_paper, `order` NFE a step), "grid" diffusers' grid points (run_grid; lower_order_final is
+    used there only). Options are explicit keywords so that sample() can reject unknown ones."""
+
+    def run(
+        denoise_fn,
+        x,
+        schedule,
+        ts,
+        *,
+        rng=None,
+        order: int = default_order,
+        solver_type: str = "midpoint",
+        intermediate: str = "logsnr",
+        lower_order_final: bool = True,
+    ):
+        del rng
+        check_order(method, order, (1, 2, 3))
+        check_options(method, solver_type, intermediate)
+        kw = dict(algorithm=algorithm, solver_type=solver_type)
+        if intermediate == "grid":
+            return run_grid(
+                denoise_fn, x, schedule, ts, order=order, lower_order_final=lower_order_final, **kw
+            )
+        return run_paper(denoise_fn, x, schedule, ts, [order] * (ts.shape[0] - 1), **kw)
+
+    run.__doc__ = doc
+    return run
 
 
 def fast_orders(nfe: int) -> list[int]:
