@@ -7,7 +7,7 @@ DOP853 with the exact denoiser; the closed-form map for `:gaussian`), sliced W2 
 log-likelihood against the true data, NFE used, compile seconds and sampling milliseconds; then the
 empirical convergence order of each deterministic method. Writes report.md, metrics.jsonl,
 error_vs_nfe.png and samples.png. Default: 2-D overlapping 8-mode GMM, VP-linear schedule,
-logSNR grid ending at t_min; about 2 minutes on 2 CPU cores.
+logSNR grid ending at t_min; about 40 s on an idle 2-core CPU.
 
 Variants after a colon, comma-separated: `gaussian` (single Gaussian, exact reference), `flow`
 (rectified flow, shift 3, uniform-t grid), `image` (8x8 image mixture), `runlocal` (tiny; tests).
