@@ -157,40 +157,35 @@ def _edm_churn(schedule, ts, rng, s_churn, s_tmin, s_tmax, s_noise, noises, x):
     return _churn_fn(schedule, n, rng, noises, s_churn, s_tmin, s_tmax, s_noise)
 
 
-def run_euler(
-    denoise_fn,
-    x,
-    schedule,
-    ts,
-    *,
-    rng=None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = float("inf"),
-    s_noise: float = 1.0,
-    noises=None,
-):
-    """Euler on the probability-flow ODE (EDM Algorithm 2 without the correction)."""
-    churn = _edm_churn(schedule, ts, rng, s_churn, s_tmin, s_tmax, s_noise, noises, x)
-    return _integrate(_euler_update, denoise_fn, x, schedule, ts, churn)
+def _churn_runner(update, doc: str):
+    """The `run` of an EDM-style solver with optional churn (stochastic when s_churn > 0)."""
+
+    def run(
+        denoise_fn,
+        x,
+        schedule,
+        ts,
+        *,
+        rng=None,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        noises=None,
+    ):
+        churn = _edm_churn(schedule, ts, rng, s_churn, s_tmin, s_tmax, s_noise, noises, x)
+        return _integrate(update, denoise_fn, x, schedule, ts, churn)
+
+    run.__doc__ = doc
+    return run
 
 
-def run_heun(
-    denoise_fn,
-    x,
-    schedule,
-    ts,
-    *,
-    rng=None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = float("inf"),
-    s_noise: float = 1.0,
-    noises=None,
-):
-    """Heun's second-order method (EDM, Karras et al. 2022, Algorithms 1 and 2)."""
-    churn = _edm_churn(schedule, ts, rng, s_churn, s_tmin, s_tmax, s_noise, noises, x)
-    return _integrate(_heun_update, denoise_fn, x, schedule, ts, churn)
+run_euler = _churn_runner(
+    _euler_update, "Euler on the probability-flow ODE (EDM Algorithm 2 without the correction)."
+)
+run_heun = _churn_runner(
+    _heun_update, "Heun's second-order method (EDM, Karras et al. 2022, Algorithms 1 and 2)."
+)
 
 
 def run_midpoint(denoise_fn, x, schedule, ts, *, rng=None):
