@@ -173,7 +173,7 @@ def make_sampler(cfg, task, graphdef, example):
     @jax.jit
     def fn(params, rest, rng):
         model = nnx.merge(graphdef, params, rest)
-        return task.sample(
+        out = task.sample(
             model,
             rng,
             cond,
@@ -182,8 +182,24 @@ def make_sampler(cfg, task, graphdef, example):
             num_steps=sc.num_steps,
             guidance_scale=sc.get("guidance_scale", 1.0),
         )
+        if cfg.task == "autoencoder":  # a grid row of originals above their reconstructions
+            return paired_rows(cond["x"], out.astype(cond["x"].dtype), GRID_COLUMNS)
+        return out
 
     return fn
+
+
+GRID_COLUMNS = 8  # sample grids without class columns
+
+
+def paired_rows(originals: jax.Array, recons: jax.Array, ncol: int) -> jax.Array:
+    """(N, H, W, C) x 2 -> (2 * ceil(N / ncol) * ncol, H, W, C): each row of ncol originals is
+    followed by the row of their reconstructions; a short last row is padded with grey (0)."""
+    n = originals.shape[0]
+    pad = [(0, -n % ncol)] + [(0, 0)] * (originals.ndim - 1)
+    o, r = jnp.pad(originals, pad), jnp.pad(recons, pad)
+    rows = lambda a: a.reshape(-1, ncol, *a.shape[1:])  # (R, ncol, H, W, C)
+    return jnp.stack([rows(o), rows(r)], axis=1).reshape(-1, *o.shape[1:])  # (2 R ncol, H, W, C)
 
 
 CONFIG_KEYS = {
@@ -301,7 +317,7 @@ def _loop(cfg, wd, task, mesh, run) -> dict:
             if cfg.sample.every > 0 and (done % cfg.sample.every == 0 or done == cfg.total_steps):
                 images = run["sample_fn"](state["ema"], state["rest"], jax.random.key(done))
                 if jax.process_index() == 0:
-                    ncol = cfg.num_classes if cfg.get("conditioning") == "class" else 8
+                    ncol = cfg.num_classes if cfg.get("conditioning") == "class" else GRID_COLUMNS
                     save_grid(images, wd.file(f"samples_{done:06d}.png"), ncol)  # column = class
         ckpt.wait_until_finished()
         saved = ckpt.all_steps()

@@ -49,6 +49,17 @@ def test_shapes_vae_runlocal(tmp_path, data_dir):
     _check_run(tmp_path, summary)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["l1"] > 0 for r in records if "kl" in r)
+    # 8 images: one row of originals above one row of reconstructions, square cells.
+    width, height = Image.open(tmp_path / f"samples_{STEPS:06d}.png").size
+    cell = (width - 2) // train.GRID_COLUMNS
+    assert height == 2 * cell + 2, (width, height)
+
+
+def test_paired_rows_interleaves_originals_and_reconstructions():
+    o = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1) + 1  # originals 1, 2, 3
+    r = -o  # reconstructions -1, -2, -3
+    got = np.asarray(train.paired_rows(o, r, ncol=2)).ravel()
+    np.testing.assert_array_equal(got, [1, 2, -1, -2, 3, 0, -3, 0])
 
 
 def test_shapes_mmdit_flow_runlocal(tmp_path, data_dir):
