@@ -12,10 +12,13 @@ report.md and checkpoints/ to the workdir.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -346,3 +349,22 @@ def write_report(wd: Workdir, cfg, s: dict) -> None:
         f"{cfg.sample.num_steps} steps)",
     ]
     wd.write_report("\n".join(lines) + "\n")
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to its workdir's config.json."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_ema(cfg, workdir: str):
+    """(model with the EMA parameters of the run's latest checkpoint, its step), on one device,
+    for evaluation entry points."""
+    tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
+    graphdef, init_fn = state_fns(cfg, tx)
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    abstract = sharding.abstract_state(init_fn, mesh, min_size=cfg.get("fsdp_min_size", 2**16))
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+        restored = ckpt.restore(abstract_state=abstract)
+    state = restored.state
+    return nnx.merge(graphdef, state["ema"], state["rest"]), restored.step

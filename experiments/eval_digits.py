@@ -20,12 +20,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from diffusion import checkpoint, data, sharding, tasks, train
+from diffusion import data, tasks, train
 from diffusion.workdir import Workdir, markdown_table
 
 
@@ -45,18 +44,6 @@ def fit_classifier(name: str, data_dir=None):
     x_test, y_test = real_digits(name, "test", data_dir)
     clf = SVC(C=10.0, gamma="scale").fit(x_train, y_train)
     return clf, float(np.mean(clf.predict(x_test) == y_test))
-
-
-def restore_ema(cfg, workdir: str):
-    """(model with the EMA parameters of the latest checkpoint, its step), on one device."""
-    tx, _ = train.make_optimizer(cfg.optim, cfg.total_steps)
-    graphdef, init_fn = train.state_fns(cfg, tx)
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    abstract = sharding.abstract_state(init_fn, mesh, min_size=cfg.get("fsdp_min_size", 2**16))
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-        restored = ckpt.restore(abstract_state=abstract)
-    state = restored.state
-    return nnx.merge(graphdef, state["ema"], state["rest"]), restored.step
 
 
 def sample_classes(cfg, model, num_per_class: int, seed: int, guidance_scale=None) -> np.ndarray:
@@ -92,8 +79,7 @@ def evaluate(
 ) -> dict:
     """Runs the evaluation described in the module docstring; returns the JSON record.
     guidance_scale overrides the run's (1.0: the conditional model without guidance)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
+    cfg = train.read_config(workdir)
     if cfg.get("conditioning") != "class" or not cfg.data.name.startswith("digits"):
         raise ValueError(
             f"{workdir} is not a class-conditional digits run "
@@ -101,7 +87,7 @@ def evaluate(
         )
     data_dir = data_dir or cfg.data.get("data_dir")
     clf, real_acc = fit_classifier(cfg.data.name, data_dir)
-    model, step = restore_ema(cfg, workdir)
+    model, step = train.restore_ema(cfg, workdir)
     stem = "eval_digits" if guidance_scale is None else f"eval_digits_g{guidance_scale:g}"
     images = sample_classes(cfg, model, num_per_class, seed, guidance_scale)  # (K, N, H, W, C)
     k, n = images.shape[:2]

@@ -47,12 +47,54 @@ def test_shapes_vae_runlocal(tmp_path, data_dir):
     cfg = _short(shapes_vae.get_config("runlocal"), data_dir)
     summary = train.train(cfg, str(tmp_path))
     _check_run(tmp_path, summary)
+    _check_eval_autoencoder(tmp_path, data_dir)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["l1"] > 0 for r in records if "kl" in r)
     # 8 images: one row of originals above one row of reconstructions, square cells.
     width, height = Image.open(tmp_path / f"samples_{STEPS:06d}.png").size
     cell = (width - 2) // train.GRID_COLUMNS
     assert height == 2 * cell + 2, (width, height)
+
+
+def _check_eval_autoencoder(workdir, data_dir):
+    """eval_autoencoder's numbers equal diffusers' AutoencoderKL (PyTorch) holding the same EMA
+    weights on the same held-out images: encode -> posterior mode -> decode."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from diffusion import models
+    from experiments import eval_autoencoder
+
+    r = eval_autoencoder.evaluate(str(workdir), "test", num_images=16, data_dir=str(data_dir))
+    assert r["checkpoint_step"] == STEPS and r["num_images"] == 16
+    assert (workdir / "eval_autoencoder.png").exists()
+    model, _ = train.restore_ema(train.read_config(str(workdir)), str(workdir))
+    models.save_diffusers(model, str(workdir / "ema_diffusers"))
+    ref = AutoencoderKL.from_pretrained(str(workdir / "ema_diffusers")).eval()
+    x = eval_autoencoder.load_images("shapes/tiny", "test", 16, str(data_dir))  # (N, H, W, C)
+    with torch.no_grad():
+        z = ref.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist.mode()
+        recon = ref.decode(z).sample.numpy().transpose(0, 2, 3, 1)
+    z = z.numpy()
+    np.testing.assert_allclose(r["l1"], np.mean(np.abs(recon - x)), rtol=1e-4)
+    np.testing.assert_allclose(r["mse"], np.mean((recon - x) ** 2), rtol=1e-4)
+    np.testing.assert_allclose(r["latent_std"], z.std(), rtol=1e-4)
+    np.testing.assert_allclose(r["latent_channel_mean"], z.mean(axis=(0, 2, 3)), atol=1e-5)
+
+
+def test_latent_stats_of_known_gaussian():
+    from experiments.eval_autoencoder import latent_stats
+
+    rng = np.random.default_rng(0)
+    # channel stds 1 and 2, channel means 0 and 3
+    z = rng.standard_normal((4000, 2, 2, 2)) * [1.0, 2.0] + [0.0, 3.0]
+    s = latent_stats(z)
+    np.testing.assert_allclose(s["latent_channel_mean"], [0.0, 3.0], atol=0.05)
+    np.testing.assert_allclose(s["latent_channel_std"], [1.0, 2.0], rtol=0.02)
+    # std over all latents: sqrt(mean of the channel variances + variance of the channel means)
+    want = np.sqrt((1.0 + 4.0) / 2 + 1.5**2)
+    np.testing.assert_allclose(s["latent_std"], want, rtol=0.02)
+    np.testing.assert_allclose(s["scaling_factor"], 1.0 / want, rtol=0.02)
 
 
 def test_paired_rows_interleaves_originals_and_reconstructions():
