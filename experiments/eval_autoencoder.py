@@ -20,7 +20,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from diffusion import data, train
 from diffusion.workdir import Workdir, markdown_table
@@ -89,6 +89,7 @@ def evaluate(workdir: str, split: str = "test", num_images: int = 1024, data_dir
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the table
     f = flags.FLAGS
     r = evaluate(f.workdir, f.split, f.num_images, f.data_dir)
     keys = ["l1", "mse", "psnr_db", "kl_per_latent_element", "latent_std", "scaling_factor"]

@@ -21,7 +21,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from diffusion import data, tasks, train
@@ -125,6 +125,7 @@ def evaluate(
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the table
     f = flags.FLAGS
     r = evaluate(f.workdir, f.num_per_class, f.seed, f.data_dir, f.guidance_scale)
     rows = [{"class": c, "accuracy": a} for c, a in enumerate(r["per_class_accuracy"])]
