@@ -10,9 +10,11 @@ import re
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from diffusion import analytic, data
 from diffusion.data import shapes as shapes_lib
+from diffusion.data.builders import png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +293,46 @@ def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
         pipe("cifar10", "train", str(tmp_path), batch_size=4)
     assert f"tfds build cifar10 --data_dir={tmp_path} --file_format=array_record" in str(err.value)
     assert not (tmp_path / "cifar10").exists()  # nothing was downloaded or generated
+
+
+class _UserDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Stands in for a dataset a user prepared with `tfds build NAME --file_format=array_record`
+    (mnist-like: 28x28x1 images, labels): not one of our built-ins, read back from files only."""
+
+    name = "user_mnist_like"
+    code_path = None  # as in diffusion/data/builders.py (no checksums lookup)
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(28, 28, 1)),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, 24), "test": self._generate_examples(24, 32)}
+
+    def _generate_examples(self, start, stop):
+        for i in range(start, stop):
+            image = np.full((28, 28, 1), 8 * i, np.uint8)  # value encodes the index
+            yield i, {"image": png_bytes(image), "label": i % 10}
+
+
+def test_prepared_tfds_dataset_read_by_name_from_tfds_data_dir(tmp_path, monkeypatch):
+    _UserDataset(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # no data_dir: found through the env
+    batches = take(pipe("user_mnist_like", "train", None, batch_size=8, shuffle=False), 3)
+    images = np.concatenate([b["image"] for b in batches])  # (24, 28, 28, 1) in [-1, 1]
+    labels = np.concatenate([b["label"] for b in batches])
+    assert images.shape == (24, 28, 28, 1)
+    index = np.round((images[:, 0, 0, 0] + 1) * 127.5 / 8).astype(int)  # undo [-1, 1] scaling
+    np.testing.assert_array_equal(np.sort(index), np.arange(24))
+    np.testing.assert_array_equal(labels, index % 10)
+    want = np.broadcast_to((8 * index[:, None, None, None]) / 127.5 - 1, images.shape)
+    np.testing.assert_allclose(images, want, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- latent cache
