@@ -353,7 +353,10 @@ def write_report(wd: Workdir, cfg, s: dict) -> None:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run wrote to its workdir's config.json."""
-    with open(os.path.join(workdir, "config.json")) as f:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no config.json: not a workdir of a training run")
+    with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
 
