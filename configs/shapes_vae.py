@@ -5,8 +5,9 @@ coloured shapes: L1 reconstruction + kl_weight * KL, 4 latent channels at 16x16 
 
 Produces samples_*.png (rows of the first 16 training images above their reconstructions,
 posterior mode), metrics.jsonl (loss, l1, kl), TensorBoard events, report.md and checkpoints/.
-The full run (shapes/32x32, 55k images, prepared on first use in about 5 minutes) reaches a mean
-L1 error of a few hundredths (images in [-1, 1]). `:runlocal` trains a smaller VAE for 40 steps
+The full run (shapes/32x32, 55k images, prepared on first use in about 5 minutes; 5000 steps, 81
+min on 2 CPU cores) reconstructs held-out images to L1 0.020 / PSNR 27.7 dB (images in [-1, 1];
+benchmarks/results/shapes_vae/). `:runlocal` trains a smaller VAE for 40 steps
 on shapes/tiny (256 images), saves checkpoints at steps 20 and 40 and finishes in under 2
 minutes on 2 CPU cores. Re-running with the same workdir resumes from the last checkpoint.
 
