@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
 from diffusion import data, train
 from diffusion.workdir import Workdir, markdown_table
@@ -36,13 +37,17 @@ def load_images(name: str, split: str, num_images: int, data_dir=None) -> np.nda
 def reconstruct(model, images: np.ndarray, batch_size: int = 64):
     """(reconstructions, posterior modes, KL per example) over images, in batches."""
 
-    @jax.jit
-    def fn(x):
-        posterior = model.encode(x)
-        z = posterior.mode()
-        return model.decode(z), z, posterior.kl()
+    graphdef, state = nnx.split(model)
 
-    outs = [fn(jnp.asarray(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    @jax.jit  # weights are an argument, not constants baked into the program
+    def fn(state, x):
+        m = nnx.merge(graphdef, state)
+        posterior = m.encode(x)
+        z = posterior.mode()
+        return m.decode(z), z, posterior.kl()
+
+    batches = (jnp.asarray(images[i : i + batch_size]) for i in range(0, len(images), batch_size))
+    outs = [fn(state, x) for x in batches]
     return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(3))
 
 
