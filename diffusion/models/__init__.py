@@ -34,17 +34,13 @@ _TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 def _registry() -> dict[str, tuple[type, type]]:
     from diffusion.models import mmdit, text, unet, vae
 
-    entries = [
-        (unet.UNet, unet.UNetConfig),
-        (vae.AutoencoderKL, vae.VAEConfig),
-        (mmdit.SD3Transformer, mmdit.MMDiTConfig),
-        (text.CLIPTextModel, text.CLIPTextConfig),
-        (text.CLIPTextModelWithProjection, text.CLIPTextConfig),
-    ]
     models = {}
-    for cls, config_cls in entries:
-        for name in getattr(cls, "diffusers_classes", None) or (cls.diffusers_class,):
-            models[name] = (cls, config_cls)
+    for cls in (unet.UNet, vae.AutoencoderKL, mmdit.SD3Transformer, text.CLIPTextModel,
+                text.CLIPTextModelWithProjection):  # fmt: skip
+        # Every model class names its config class and the diffusers/transformers class names
+        # it reads (`diffusers_classes`, default: the one it writes, `diffusers_class`).
+        for name in getattr(cls, "diffusers_classes", (cls.diffusers_class,)):
+            models[name] = (cls, cls.config_class)
     return models
 
 
