@@ -4,8 +4,12 @@
 
 A self-contained optax loop (a classifier, not a diffusion model): the whole train split in
 memory as uint8, random batches of each epoch's permutation, label-preserving augmentation inside
-the jitted step, summed masked cross-entropy over the attribute heads (an attribute a caption of
-that image would not state, e.g. `position` of a two-shape image, has label -1 and no loss).
+the jitted step, summed masked cross-entropy over the heads (a head that does not apply to an
+image, e.g. `position` of a two-shape image or the top/bottom heads where no top/bottom split
+holds, has label -1 and no loss). The augmentation (Gaussian blur, pixel noise, small per-channel
+offsets; configs/shapes_judge.py) imitates what generated images look like (soft edges, colour
+noise, faint decoder artefacts) without changing a label: no hue jitter, no flips or crops (they
+would change colours, positions and relations).
 Writes judge.safetensors + judge_config.json, config.json, metrics.jsonl, eval.json and
 report.md (held-out accuracy per attribute, confusion of the weakest attributes, robustness to
 blur and noise, FD in judge features between real train and test images).
@@ -35,8 +39,9 @@ NAMES = tuple(sj.HEADS)
 def load_split(name: str, split: str, data_dir=None):
     """(uint8 images (N, S, S, 3), head labels (N, len(HEADS)) int32 with -1 where a head does
     not apply, captions) from the generator's labels of a prepared shapes split."""
-    _, captions, examples = sj.real_images(name, split, data_dir)
+    examples = sj.real_examples(name, split, data_dir)
     images = np.stack([np.asarray(e["image"]) for e in examples])
+    captions = [e["caption"].decode() for e in examples]
     size = images.shape[1]
     labels = np.stack([sj.head_labels(e, size) for e in examples])
     return images, labels, captions

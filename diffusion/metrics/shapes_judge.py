@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion import data
 from diffusion.data.shapes import BACKGROUNDS, COLORS, RELATIONS, SHAPES
 from diffusion.metrics import frechet_distance
 
@@ -413,13 +414,17 @@ def degrade(images, rng, blur_sigma: float = 0.0, noise_sigma: float = 0.0):
     return np.asarray(jnp.clip(x, -1.0, 1.0))
 
 
-def real_images(name: str = "shapes/32x32", split: str = "test", data_dir=None, limit=None):
-    """(images (N, S, S, 3) float32 in [-1, 1], captions, examples) of a prepared shapes split."""
-    from diffusion import data
-
+def real_examples(name: str = "shapes/32x32", split: str = "test", data_dir=None, limit=None):
+    """The decoded examples (dicts of numpy: uint8 image, caption bytes, generator labels) of a
+    prepared shapes split, in index order."""
     source = data.load_source(name, split, data_dir)
     n = len(source) if limit is None else min(limit, len(source))
-    examples = source.__getitems__(list(range(n)))
+    return source.__getitems__(list(range(n)))
+
+
+def real_images(name: str = "shapes/32x32", split: str = "test", data_dir=None, limit=None):
+    """(images (N, S, S, 3) float32 in [-1, 1], captions, examples) of a prepared shapes split."""
+    examples = real_examples(name, split, data_dir, limit)
     images = np.stack([data.preprocess_image(np.asarray(e["image"])) for e in examples])
     captions = [e["caption"].decode() for e in examples]
     return images, captions, examples
