@@ -23,13 +23,11 @@ images: adherence 0.9962; blur std 1.5 px, beyond the training range: 0.9018 (sh
 
 import ml_collections
 
-VARIANTS = ("runlocal",)
+from configs import common
 
 
 def get_config(arg=None):
-    variants = set(filter(None, (arg or "").split(",")))
-    if variants - set(VARIANTS):
-        raise ValueError(f"unknown variants {sorted(variants - set(VARIANTS))}; valid: {VARIANTS}")
+    v = common.parse(arg, flags=("runlocal",))
     c = ml_collections.ConfigDict()
     c.name = "shapes_judge"
     c.seed = 0
@@ -48,7 +46,7 @@ def get_config(arg=None):
     # (blur std in px, noise std in [-1, 1] units) for the robustness table.
     c.robustness = ((0.5, 0.0), (1.0, 0.0), (0.0, 0.05), (0.0, 0.1), (1.0, 0.1), (1.5, 0.0))
     c.robustness += ((0.0, 0.2),)
-    if "runlocal" in variants:
+    if v.runlocal:
         c.data.name = "shapes/tiny"
         c.model = {"widths": (16, 32, 32), "features": 64}
         c.batch_size = 32

@@ -31,11 +31,12 @@ POOLED_AS = (None, "pooled_projections", "added_cond_kwargs")
 
 
 class TextConditioned(nnx.Module):
-    """A denoiser (U-Net or MMDiT) with the text encoder trained jointly with it."""
+    """A denoiser (U-Net or MMDiT) with the text encoder(s) trained jointly with it."""
 
-    def __init__(self, text_encoder: nnx.Module, denoiser: nnx.Module):
+    def __init__(self, text_encoder: nnx.Module, denoiser: nnx.Module, text_encoder_2=None):
         self.text_encoder = text_encoder
         self.denoiser = denoiser
+        self.text_encoder_2 = text_encoder_2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +90,27 @@ class ClassLabels(Unconditional):
 
 @dataclasses.dataclass(frozen=True)
 class Text(Unconditional):
-    """Captions through a text encoder trained with the denoiser.
+    """Captions through one or two text encoders trained with the denoiser.
 
     hidden_state: which token states become encoder_hidden_states: -1 the final (layer-normed)
-    states, -2 the penultimate layer's (SDXL / SD2 "clip skip"). pooled_as: where the pooled
-    embedding goes: None (nowhere; SD1), "pooled_projections" (SD3), "added_cond_kwargs" (SDXL,
-    with time_ids (H, W, 0, 0, H, W) for image_size). A CLIPTextModelWithProjection encoder
+    states, -2 the penultimate layer's (SDXL / SD3 / SD2 "clip skip"). pooled_as: where the
+    pooled embedding goes: None (nowhere; SD1), "pooled_projections" (SD3), "added_cond_kwargs"
+    (SDXL, with time_ids (H, W, 0, 0, H, W) for image_size). A CLIPTextModelWithProjection
     pools through its projection (text_embeds), a CLIPTextModel gives pooler_output.
+    With encoder_2 (SDXL / SD3 layouts, as diffusers assembles prompts): both encoders' token
+    states are concatenated along features; the pooled embedding is encoder_2's (SDXL) or both
+    concatenated (SD3); context_dim > 0 zero-pads the states' features to it and null_tokens
+    appends that many all-zero tokens (SD3's stand-in for an absent T5 encoder).
     """
 
     tokenizer: tokenizers.Tokenizer = None
     encoder: ModelSpec = None
+    encoder_2: ModelSpec | None = None
     hidden_state: int = -1
     pooled_as: str | None = "pooled_projections"
     image_size: int = 0
+    context_dim: int = 0
+    null_tokens: int = 0
     name = "text"
 
     def __post_init__(self):
@@ -113,7 +121,9 @@ class Text(Unconditional):
 
     def build(self, denoiser: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
         net = denoiser.build(rngs)  # first: the RNG stream order fixes the initial weights
-        return TextConditioned(self.encoder.build(rngs), net)
+        enc = self.encoder.build(rngs)
+        enc_2 = None if self.encoder_2 is None else self.encoder_2.build(rngs)
+        return TextConditioned(enc, net, enc_2)
 
     def prepare(self, batch: dict) -> dict:
         return {"input_ids": self.tokenizer(batch["caption"])}
@@ -124,15 +134,30 @@ class Text(Unconditional):
     def denoiser(self, model):
         return model.denoiser
 
+    def _encode(self, encoder, spec: ModelSpec, ids):
+        """(token states (B, L, D), pooled (B, P)) of one encoder."""
+        out = encoder(ids, output_hidden_states=self.hidden_state != -1)
+        projected = spec.class_name == "CLIPTextModelWithProjection"
+        pooled, last = (out[0], out[1]) if projected else (out[1], out[0])
+        return (last if self.hidden_state == -1 else out[2][self.hidden_state]), pooled
+
     def kwargs(self, model, cond) -> dict:
         ids = cond["input_ids"]  # (B, L)
-        projected = self.encoder.class_name == "CLIPTextModelWithProjection"
-        out = model.text_encoder(ids, output_hidden_states=self.hidden_state != -1)
-        pooled, last = (out[0], out[1]) if projected else (out[1], out[0])
-        states = last if self.hidden_state == -1 else out[2][self.hidden_state]  # (B, L, D)
+        states, pooled = self._encode(model.text_encoder, self.encoder, ids)
+        if self.encoder_2 is not None:
+            states_2, pooled_2 = self._encode(model.text_encoder_2, self.encoder_2, ids)
+            states = jnp.concatenate([states, states_2], axis=-1)  # (B, L, D1 + D2)
+            sd3 = self.pooled_as == "pooled_projections"
+            pooled = jnp.concatenate([pooled, pooled_2], -1) if sd3 else pooled_2  # (B, P)
+        if self.context_dim:
+            pad = self.context_dim - states.shape[-1]
+            states = jnp.pad(states, ((0, 0), (0, 0), (0, pad)))  # (B, L, context_dim)
+        if self.null_tokens:
+            zeros = jnp.zeros((states.shape[0], self.null_tokens, states.shape[-1]), states.dtype)
+            states = jnp.concatenate([states, zeros], axis=1)  # (B, L + null_tokens, D)
         kw: dict[str, Any] = {"encoder_hidden_states": states}
         if self.pooled_as == "pooled_projections":
-            kw["pooled_projections"] = pooled  # (B, P)
+            kw["pooled_projections"] = pooled
         elif self.pooled_as == "added_cond_kwargs":
             s = self.image_size
             time_ids = jnp.broadcast_to(jnp.asarray([s, s, 0, 0, s, s], jnp.float32), (len(ids), 6))
@@ -156,11 +181,17 @@ def from_config(section, compute_dtype="float32"):
     if name == "class":
         return ClassLabels(int(section["num_classes"]))
     if name == "text":
+        encoder_2 = section.get("text_encoder_2")
         return Text(
             tokenizer=tokenizers.from_config(section["tokenizer"]),
             encoder=ModelSpec.from_config(section["text_encoder"], compute_dtype),
+            encoder_2=None
+            if encoder_2 is None
+            else ModelSpec.from_config(encoder_2, compute_dtype),
             hidden_state=section.get("hidden_state", -1),
             pooled_as=section.get("pooled_as", "pooled_projections"),
             image_size=section.get("image_size", 0),
+            context_dim=section.get("context_dim", 0),
+            null_tokens=section.get("null_tokens", 0),
         )
     raise ValueError(f"unknown conditioning {name!r}; valid: {list(CONDITIONINGS)}")

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion import conditioning, images, losses, predictions, samplers, schedules
+from diffusion.latent import LatentSpace
 from diffusion.models import ModelSpec
 from diffusion.samplers import guidance
 
@@ -30,6 +31,7 @@ class Sampling:
 
     method: str = "euler"
     num_steps: int = 30
+    grid: str | None = None  # time grid name (None: the method's default)
     guidance_scale: float = 1.0
     clip_x0: tuple[float, float] | None = None  # clip x0_hat to the data range (clip_sample)
     num_images: int = 16
@@ -59,17 +61,33 @@ class DiffusionTask:
     conditioning: conditioning.Unconditional
     sampling: Sampling
     data_key: str = "image"
+    latents: LatentSpace | None = None  # latent diffusion: the frozen VAE and its latent scale
 
     @property
     def grid_columns(self) -> int:
         return self.conditioning.grid_columns
 
+    def dataset(self, data_cfg) -> tuple[str, str | None]:
+        """(name, data_dir) the training pipeline reads: the dataset, or (latent diffusion)
+        its latent cache, encoded once by the frozen VAE."""
+        data_dir = data_cfg.get("data_dir") or None
+        if self.latents is None:
+            return data_cfg.name, data_dir
+        return self.latents.cache(data_cfg.name, data_dir, data_cfg.get("image_size"))
+
+    def to_pixels(self, x):
+        """Samples as images in [-1, 1]: latents decoded by the frozen VAE."""
+        return x if self.latents is None else self.latents.decode(x)
+
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return self.conditioning.build(self.model, rngs)
 
     def prepare_batch(self, batch: dict) -> dict:
-        """{"x": data (B, ...) float32, **condition arrays}."""
-        x = np.asarray(batch[self.data_key], np.float32)
+        """{"x": data (B, ...) float32, **condition arrays}; cached latents are scaled here."""
+        if self.latents is not None:
+            x = self.latents.scale(np.asarray(batch["latent"], np.float32))
+        else:
+            x = np.asarray(batch[self.data_key], np.float32)
         return {"x": x, **self.conditioning.prepare(batch)}
 
     def model_fn(self, model, x_t, model_time, cond):
@@ -99,10 +117,13 @@ class DiffusionTask:
             return lambda x, t: jnp.clip(denoise(x, t), lo, hi)
         return denoise
 
-    def sample(self, model, rng, cond, shape, *, method, num_steps, guidance_scale=1.0):
-        """Samples (shape) from the prior at t_max, with the given sampler and guidance."""
+    def sample(self, model, rng, cond, shape, *, method, num_steps, guidance_scale=1.0, grid=None,
+               x_T=None):  # fmt: skip
+        """Samples (shape) from x_T (default: drawn from the prior at t_max with rng), with the
+        given sampler, grid and guidance."""
         denoise = self.denoiser(model, cond, guidance_scale)
-        x_T = samplers.prior(self.schedule, jax.random.fold_in(rng, 0), shape)
+        if x_T is None:
+            x_T = samplers.prior(self.schedule, jax.random.fold_in(rng, 0), shape)
         return samplers.sample(
             denoise,
             x_T,
@@ -110,6 +131,7 @@ class DiffusionTask:
             method=method,
             num_steps=num_steps,
             rng=jax.random.fold_in(rng, 1),
+            grid=grid,
         )
 
     def sample_grid(self, model, rng, example: dict):
@@ -126,6 +148,7 @@ class DiffusionTask:
             method=sc.method,
             num_steps=sc.num_steps,
             guidance_scale=sc.guidance_scale,
+            grid=sc.grid,
         )
 
 
@@ -142,6 +165,12 @@ class AutoencoderTask:
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return self.model.build(rngs)
+
+    def dataset(self, data_cfg) -> tuple[str, str | None]:
+        return data_cfg.name, data_cfg.get("data_dir") or None
+
+    def to_pixels(self, x):
+        return x
 
     def prepare_batch(self, batch: dict) -> dict:
         return {"x": np.asarray(batch[self.data_key], np.float32)}
@@ -170,6 +199,16 @@ def _diffusion(cfg) -> DiffusionTask:
     sampling = Sampling.from_config(cfg.sample)
     samplers.get(sampling.method)  # fail before training, listing valid samplers
     dtype = cfg.get("compute_dtype", "float32")
+    latents = None
+    if cfg.get("latents"):
+        if not cfg.latents.get("vae"):
+            raise ValueError(
+                "latent diffusion needs its VAE: --config.latents.vae=PATH (a VAE training "
+                "workdir, e.g. of configs/shapes_vae.py, or a diffusers AutoencoderKL folder)"
+            )
+        data_dir = cfg.data.get("data_dir") or None
+        scale = cfg.latents.get("scaling_factor", "auto")
+        latents = LatentSpace.load(cfg.latents.vae, scale, cfg.data.name, data_dir)
     return DiffusionTask(
         model=ModelSpec.from_config(cfg.model, dtype),
         schedule=schedule,
@@ -177,6 +216,7 @@ def _diffusion(cfg) -> DiffusionTask:
         conditioning=conditioning.from_config(cfg.get("conditioning"), dtype),
         sampling=sampling,
         data_key=cfg.data.get("key", "image"),
+        latents=latents,
     )
 
 

@@ -30,6 +30,7 @@ CONFIG_KEYS = {
     "name", "task", "seed", "data", "conditioning", "model", "compute_dtype", "schedule",
     "objective", "optim", "ema_decay", "ema_warmup", "total_steps", "log_every", "ckpt_every",
     "keep_checkpoints", "sample", "mesh", "fsdp_min_size", "sharding_rules", "kl_weight",
+    "latents",
 }  # fmt: skip
 
 
@@ -60,7 +61,8 @@ def train(cfg, workdir: str) -> dict:
         nproc = jax.process_count()
         if cfg.data.batch_size % nproc:
             raise ValueError(f"batch_size {cfg.data.batch_size} not divisible by {nproc} processes")
-        it = iter(_pipeline(cfg, cfg.data.batch_size // nproc, cfg.seed))
+        source = task.dataset(cfg.data)  # (name, data_dir): a latent cache for latent models
+        it = iter(_pipeline(source, cfg.data.batch_size // nproc, cfg.seed))
 
         # ---- model and optimizer: the train state's structure, nothing allocated yet
         tx, lr = make_optimizer(cfg.optim, cfg.total_steps)
@@ -91,7 +93,7 @@ def train(cfg, workdir: str) -> dict:
             state, start = sharding.shard_init(init_fn, mesh, shardings), 0
 
         # ---- sampling: the task's grid from the EMA weights, one compiled program
-        example = task.prepare_batch(next(iter(_pipeline(cfg, task.sampling.num_images, 0))))
+        example = task.prepare_batch(next(iter(_pipeline(source, task.sampling.num_images, 0))))
         sample_fn = jax.jit(
             lambda ema, rest, rng: task.sample_grid(nnx.merge(graphdef, ema, rest), rng, example)
         )
@@ -103,14 +105,9 @@ def train(cfg, workdir: str) -> dict:
     return summary
 
 
-def _pipeline(cfg, batch_size, seed):
-    return data.make_pipeline(
-        cfg.data.name,
-        "train",
-        batch_size=batch_size,
-        seed=seed,
-        data_dir=cfg.data.get("data_dir") or None,
-    )
+def _pipeline(source, batch_size, seed):
+    name, data_dir = source
+    return data.make_pipeline(name, "train", batch_size=batch_size, seed=seed, data_dir=data_dir)
 
 
 def make_train_step(task, graphdef, tx, lr, cfg):
@@ -198,7 +195,7 @@ def _loop(cfg, wd, task, ckpt, step_fn, sample_fn, next_batch, it, state, start)
                 grid = sample_fn(state["ema"], state["rest"], jax.random.key(done))
                 if jax.process_index() == 0:
                     path = wd.file(f"samples_{done:06d}.png")
-                    images.save_grid(grid, path, task.grid_columns)
+                    images.save_grid(task.to_pixels(grid), path, task.grid_columns)
         ckpt.wait_until_finished()
         saved = ckpt.all_steps()
     finally:  # let an async save finish (or fail loudly) before leaving

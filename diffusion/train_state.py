@@ -61,14 +61,14 @@ def ema_update(ema, params, decay: float, step, warmup: bool = False):
     return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
 
-def restore_ema(cfg, task, workdir: str):
-    """(model holding the EMA parameters of the run's latest checkpoint, its step), on one
-    device, for evaluation entry points."""
+def restore_ema(cfg, task, workdir: str, step: int | None = None):
+    """(model holding the EMA parameters of the run's checkpoint `step` (default: the latest),
+    its step), on one device, for evaluation entry points."""
     tx, _ = make_optimizer(cfg.optim, cfg.total_steps)
     graphdef, init_fn = state_fns(task, tx, cfg.seed)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     abstract = sharding.abstract_state(init_fn, mesh, min_size=cfg.get("fsdp_min_size", 2**16))
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-        restored = ckpt.restore(abstract_state=abstract)
+        restored = ckpt.restore(step, abstract_state=abstract)
     state = restored.state
     return nnx.merge(graphdef, state["ema"], state["rest"]), restored.step

@@ -44,6 +44,8 @@ class Tokenizer:
     encode_batch: object  # list[str] -> list[list[int]], each exactly max_length long
     max_length: int
     vocab_size: int
+    kind: str = "word"
+    path: str | None = None  # the folder or built-in name of a "clip" tokenizer
 
     def __call__(self, captions) -> np.ndarray:
         ids = self.encode_batch([str(c) for c in captions])
@@ -82,7 +84,7 @@ def clip_folder(path: str, max_length: int) -> Tokenizer:
     def encode(texts):
         return tok(texts, padding="max_length", max_length=max_length, truncation=True).input_ids
 
-    return Tokenizer(encode, max_length, len(tok))
+    return Tokenizer(encode, max_length, len(tok), "clip", path)
 
 
 def from_config(cfg) -> Tokenizer:
