@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes_ldm_unet, shapes_vae
+from configs import shapes_ldm_mmdit, shapes_ldm_unet, shapes_vae
 from diffusion import latent, tasks, train
 from diffusion.train_state import restore_ema
 from diffusion.workdir import read_config
@@ -38,6 +38,16 @@ def runs(tmp_path_factory):
     cfg.latents.vae = str(root / "vae")
     summary = train.train(cfg, str(root / "ldm"))
     return root / "vae", root / "ldm", data_dir, summary
+
+
+@pytest.fixture(scope="module")
+def mmdit_run(runs):
+    """The SD3-style latent MMDiT config (:runlocal) trained 4 steps on the same VAE."""
+    vae_dir, ldm_dir, data_dir, _ = runs
+    cfg = _short(shapes_ldm_mmdit.get_config("runlocal"), data_dir, 4)
+    cfg.latents.vae = str(vae_dir)
+    train.train(cfg, str(ldm_dir.parent / "mmdit"))
+    return ldm_dir.parent / "mmdit"
 
 
 def test_latent_unet_trains_on_cached_latents(runs):
@@ -92,13 +102,42 @@ def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path, guida
     with torch.no_grad():
         want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, output_type="np",
                     latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2))).images  # fmt: skip
-    cfg = read_config(str(ldm_dir))
+    got = _ours(ldm_dir, prompts, x_T, method="dpmpp_2m", num_steps=4, guidance_scale=guidance,
+                grid="trailing")  # fmt: skip
+    assert want.shape == got.shape == (2, 32, 32, 3)
+    assert np.abs(got - want).max() <= 2e-3
+
+
+def _ours(workdir, prompts, x_T, **sample_kw):
+    """Our images in [0, 1] for prompts from initial latents x_T (NHWC), the run's EMA weights."""
+    cfg = read_config(str(workdir))
     task = tasks.from_config(cfg)
-    model, _ = restore_ema(cfg, task, str(ldm_dir))
+    model, _ = restore_ema(cfg, task, str(workdir))
     cond = {"input_ids": jnp.asarray(task.conditioning.tokenizer(prompts))}
-    z = task.sample(model, jax.random.key(0), cond, x_T.shape, method="dpmpp_2m", num_steps=4,
-                    guidance_scale=guidance, grid="trailing", x_T=jnp.asarray(x_T))  # fmt: skip
-    got = np.clip((np.asarray(task.to_pixels(z)) + 1.0) / 2.0, 0.0, 1.0)
+    z = task.sample(model, jax.random.key(0), cond, x_T.shape, x_T=jnp.asarray(x_T), **sample_kw)
+    return np.clip((np.asarray(task.to_pixels(z)) + 1.0) / 2.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, tmp_path, guidance):
+    """StableDiffusion3Pipeline (two CLIPs, no T5, max_sequence_length=0) on the exported MMDiT
+    run, with our initial latents and its FlowMatchEulerDiscreteScheduler, draws our images."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from tools import export_pipeline
+
+    out = export_pipeline.export(str(mmdit_run), str(tmp_path / "sd3"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        out, text_encoder_3=None, tokenizer_3=None, local_files_only=True
+    )  # diffusers' documented way to load SD3 without T5
+    prompts = ["a green diamond at the top on a brown background", "a cyan square"]
+    x_T = np.random.default_rng(1).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, output_type="np",
+                    latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2)),
+                    max_sequence_length=0).images  # fmt: skip
+    got = _ours(mmdit_run, prompts, x_T, method="euler", num_steps=4, guidance_scale=guidance)
     assert want.shape == got.shape == (2, 32, 32, 3)
     assert np.abs(got - want).max() <= 2e-3
 

@@ -7,7 +7,8 @@ transformer/ (StableDiffusion3Pipeline, for an SD3Transformer2DModel run with SD
 prompt layout and no T5), vae/ (the frozen VAE with the run's latent scaling_factor),
 text_encoder[_2]/, tokenizer[_2]/ (the run's CLIP BPE tokenizer with model_max_length = the run's
 token length), scheduler/ (the scheduler of the run's sampler and grid). diffusers loads it with
-`<Pipeline>.from_pretrained(out)` offline, and `diffusion.pipelines.load(out)` too. EMA weights of
+`<Pipeline>.from_pretrained(out)` offline (SD3: `text_encoder_3=None, tokenizer_3=None` as for
+any SD3 folder without T5; sample with `max_sequence_length=0`, the run's zero T5 tokens). EMA weights of
 the latest checkpoint (or --step). The folder is written beside `out` and renamed into place, so
 nothing is left half-written; `out` must not exist or be empty.
 """
@@ -100,7 +101,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
         _set_sample_size(os.path.join(tmp, net), cfg.model.config.sample_size)
         vae = space.vae
         vae.config = dataclasses.replace(
-            vae.config, scaling_factor=space.scaling_factor, shift_factor=space.shift_factor or None
+            vae.config, scaling_factor=space.scaling_factor, shift_factor=space.shift_factor
         )
         models.save_diffusers(vae, os.path.join(tmp, "vae"))
         index = {"_class_name": PIPELINES[task.model.class_name], "_diffusers_version": "0.35.0",
