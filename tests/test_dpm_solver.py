@@ -21,8 +21,7 @@ from _reference import Counter, TanhNet
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 
 from diffusion import analytic, predictions, samplers, schedules
-from diffusion.samplers.dpm_solver import singlestep_nfe
-from diffusion.samplers.dpm_solver_single import fast_orders
+from diffusion.samplers.dpm_singlestep import fast_orders, singlestep_nfe
 from diffusion.samplers.grids import time_grid
 
 B, D, N_TRAIN = 3, 4, 1000

@@ -113,7 +113,7 @@ CONVERGENCE = [
     ("dpmpp_2s", {}, (20, 40, 80), 2),
     ("dpmpp_singlestep", dict(order=3), (40, 80, 160), 3),
     ("dpmpp_2m", dict(lower_order_final=False), (40, 80, 160), 2),
-    # diffusers' (= Lu's code's) 3M halves the h^3 term: globally second order (dpm_solver_multi).
+    # diffusers' (= Lu's code's) 3M halves the h^3 term: globally second order (dpm_multistep).
     ("dpmpp_3m", dict(lower_order_final=False), (40, 80, 160), 2),
 ]
 

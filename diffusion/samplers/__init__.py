@@ -15,16 +15,16 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from diffusion.samplers import ddim, ddpm, dpm_solver, dpm_solver_pp, flow, unipc
-from diffusion.samplers.base import Method
+from diffusion.samplers import ddim, ddpm, dpm_multistep, dpm_singlestep, flow, unipc
+from diffusion.samplers.base import Method, check_order
 from diffusion.samplers.grids import GRIDS, check_grid, time_grid
 from diffusion.schedules import Schedule
 
 SAMPLERS: dict[str, Method] = {
     **ddpm.METHODS,
     **ddim.METHODS,
-    **dpm_solver.METHODS,
-    **dpm_solver_pp.METHODS,
+    **dpm_singlestep.METHODS,
+    **dpm_multistep.METHODS,
     **unipc.METHODS,
     **flow.METHODS,
 }
@@ -90,4 +90,6 @@ def nfe(method: str, num_steps: int, **options) -> int:
     """Exact number of denoiser evaluations `sample` makes for these arguments."""
     m = get(method)
     _check_options(m, options)
+    if "order" in options:
+        check_order(method, options["order"], m.orders)
     return m.nfe(num_steps, **options)

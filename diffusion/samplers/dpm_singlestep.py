@@ -1,121 +1,54 @@
-"""DPM-Solver / DPM-Solver++ step coefficients and the singlestep solvers (shared core).
+"""Singlestep DPM-Solver and DPM-Solver++: the singlestep updates, loops and methods.
 
-With lambda = log(alpha / sigma) and h = lambda_t - lambda_s, the exact solution of the diffusion
-ODE from s to t is (Lu et al. 2022, eq. 3.4; Lu et al. 2022b, eq. 9)
-
-    noise prediction (DPM-Solver):  x_t = a_t/a_s x_s - a_t int e^{-lambda} eps_hat dlambda
-    data prediction (DPM-Solver++): x_t = s_t/s_s x_s + s_t int e^{lambda} x0_hat dlambda
-
-(a = alpha, s = sigma)
-and a k-th order solver Taylor-expands the model output m (eps_hat or x0_hat) in lambda:
-x_t = c_x x_s + c0 D0 + c1 D1 + c2 D2 with D0 = m, D1 ~ h m', D2 ~ h^2 m'' / 2. The coefficients
-below are diffusers' (`DPMSolverMultistepScheduler` / `DPMSolverSinglestepScheduler`), written
-with expm1 for accuracy at small h. solver_type "midpoint" (diffusers' default; Lu's "dpmsolver")
-and "heun" (Lu's "taylor") differ only in the D1 coefficient of second-order updates and in the
-third-order singlestep update. "sde-dpmsolver++" is SDE-DPM-Solver++ (Lu et al. 2022b, sec. 5).
+A singlestep method spends `order` NFE per step, at intermediate points inside the step (the step
+coefficients and the exponential-integrator form are in dpm_multistep.py, `coeffs`):
+intermediate="logsnr" (default) puts them at lambda_s + r h (the papers' r1 = 1/2; r1 = 1/3,
+r2 = 2/3), intermediate="grid" is diffusers' DPMSolverSinglestepScheduler, which takes the grid
+points themselves as intermediate times (one NFE per grid interval). solver_type "midpoint"
+(diffusers' default; Lu's "dpmsolver") and "heun" (Lu's "taylor") differ only in the D1
+coefficient of second-order updates and in the third-order update.
 
 A step to sigma_t = 0 (lambda_t = inf, the last step of the default grids) is always first order,
 as diffusers' `final_sigmas_type="zero"`: it returns x0_hat(x_s, s) (DPM-Solver++) or the same
-value written with eps_hat (DPM-Solver), with no inf * 0 anywhere.
+value written with eps_hat (DPM-Solver), with no inf * 0 anywhere. NFE (`singlestep_nfe`) of
+"logsnr" methods: order * (num_steps - 1) + 1 on grids ending at t = 0 (the default grids),
+order * num_steps on grids ending at t_end > 0 (the paper's convention).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion.samplers.base import check_order, scan_steps
+from diffusion.samplers.base import Method, Point, check_order, methods, point, scan_steps
+from diffusion.samplers.dpm_multistep import (
+    DPM_SOLVER,
+    DPM_SOLVER_PP,
+    check_solver_type,
+    coeffs,
+    model_output,
+)
 
-ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
-SOLVER_TYPES = ("midpoint", "heun")
 INTERMEDIATE = ("logsnr", "grid")
 
 
-class Point(NamedTuple):
-    """Schedule values at one time: alpha_t, sigma_t, lambda_t."""
-
-    alpha: jax.Array
-    sigma: jax.Array
-    lam: jax.Array
-
-
-def point(schedule, t, dtype) -> Point:
-    return Point(
-        jnp.asarray(schedule.alpha(t), dtype),
-        jnp.asarray(schedule.sigma(t), dtype),
-        jnp.asarray(schedule.logsnr(t), dtype),
-    )
-
-
-class Coeffs(NamedTuple):
-    """x_t = c_x x_s + c0 D0 + c1 D1 + c2 D2 + c_z z for one step s -> t."""
-
-    c_x: jax.Array
-    c0: jax.Array
-    c1_mid: jax.Array
-    c1_heun: jax.Array
-    c2: jax.Array
-    c_z: jax.Array
-
-
-def coeffs(algorithm: str, s: Point, t: Point) -> Coeffs:
-    """Step coefficients (diffusers' first/second/third-order updates; Lu et al. 2022, 3.7-3.8)."""
-    h = t.lam - s.lam
-    zero = jnp.zeros_like(h)
-    if algorithm == "dpmsolver":
-        ep = jnp.expm1(h)  # e^h - 1
-        # sigma_t (e^h - 1) = alpha_t sigma_s / alpha_s - sigma_t: finite form for sigma_t = 0.
-        sig_ep = jnp.where(jnp.isinf(h), t.alpha * s.sigma / s.alpha - t.sigma, t.sigma * ep)
-        return Coeffs(
-            c_x=t.alpha / s.alpha,
-            c0=-sig_ep,
-            c1_mid=-0.5 * sig_ep,
-            c1_heun=-t.sigma * (ep / h - 1.0),
-            c2=-t.sigma * ((ep - h) / h**2 - 0.5),
-            c_z=zero,
-        )
-    if algorithm == "dpmsolver++":
-        em = -jnp.expm1(-h)  # 1 - e^{-h}
-        return Coeffs(
-            c_x=t.sigma / s.sigma,
-            c0=t.alpha * em,
-            c1_mid=0.5 * t.alpha * em,
-            c1_heun=t.alpha * (1.0 - em / h),
-            c2=-t.alpha * ((h - em) / h**2 - 0.5),
-            c_z=zero,
-        )
-    if algorithm == "sde-dpmsolver++":
-        em2 = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}
-        return Coeffs(
-            c_x=t.sigma / s.sigma * jnp.exp(-h),
-            c0=t.alpha * em2,
-            c1_mid=0.5 * t.alpha * em2,
-            c1_heun=t.alpha * (1.0 - em2 / (2.0 * h)),
-            c2=t.alpha * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5),
-            c_z=t.sigma * jnp.sqrt(em2),
-        )
-    raise ValueError(f"unknown algorithm {algorithm!r}; valid: {list(ALGORITHMS)}")
-
-
-def model_output(denoise_fn, x, t, p: Point, algorithm: str):
-    """The quantity the solver integrates: x0_hat (DPM-Solver++) or eps_hat (DPM-Solver)."""
-    x0_hat = denoise_fn(x, t)
-    if algorithm == "dpmsolver":
-        return (x - p.alpha * x0_hat) / p.sigma  # eps_hat
-    return x0_hat
-
-
 def check_options(method: str, solver_type: str, intermediate: str = "logsnr"):
-    if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"{method}: unknown solver_type {solver_type!r}; valid: {SOLVER_TYPES}")
+    check_solver_type(method, solver_type)
     if intermediate not in INTERMEDIATE:
         raise ValueError(f"{method}: unknown intermediate {intermediate!r}; valid: {INTERMEDIATE}")
 
 
-# ------------------------------------------------------------------- singlestep updates
+def singlestep_nfe(num_steps, order, intermediate="logsnr", ends_at_zero=True, **_):
+    """NFE of singlestep DPM-Solver / DPM-Solver++ (the last step to t = 0 is first order)."""
+    if intermediate == "grid":
+        return num_steps
+    return order * num_steps - (order - 1) * int(ends_at_zero)
+
+
+# ------------------------------------------------------------------- updates and loops
 
 
 def singlestep_update(alg, solver_type, order, x_s, ms, pts, t: Point):
@@ -201,9 +134,6 @@ def run_paper(denoise_fn, x, schedule, ts, orders, *, algorithm, solver_type, st
     return scan_steps(step, x, ts)
 
 
-# ------------------------------------------------------------------- diffusers grid mode
-
-
 def diffusers_order_list(num_steps: int, order: int, lower_order_final: bool) -> list[int]:
     """`DPMSolverSinglestepScheduler.get_order_list` (without the final-sigma-zero rule)."""
     n = num_steps
@@ -254,40 +184,6 @@ def run_grid(denoise_fn, x, schedule, ts, *, algorithm, solver_type, order, lowe
     return scan_steps(step, (x, x, zeros, zeros), ts)[0]
 
 
-# ------------------------------------------------------------------- DPM-Solver-fast
-
-
-def singlestep_runner(method: str, algorithm: str, default_order: int, doc: str):
-    """The `run` of a singlestep method over ts: intermediate="logsnr" takes the paper's points
-    (run_paper, `order` NFE a step), "grid" diffusers' grid points (run_grid; lower_order_final is
-    used there only). Options are explicit keywords so that sample() can reject unknown ones."""
-
-    def run(
-        denoise_fn,
-        x,
-        schedule,
-        ts,
-        *,
-        rng=None,
-        order: int = default_order,
-        solver_type: str = "midpoint",
-        intermediate: str = "logsnr",
-        lower_order_final: bool = True,
-    ):
-        del rng
-        check_order(method, order, (1, 2, 3))
-        check_options(method, solver_type, intermediate)
-        kw = dict(algorithm=algorithm, solver_type=solver_type)
-        if intermediate == "grid":
-            return run_grid(
-                denoise_fn, x, schedule, ts, order=order, lower_order_final=lower_order_final, **kw
-            )
-        return run_paper(denoise_fn, x, schedule, ts, [order] * (ts.shape[0] - 1), **kw)
-
-    run.__doc__ = doc
-    return run
-
-
 def fast_orders(nfe: int) -> list[int]:
     """DPM-Solver-fast step orders for an NFE budget (Lu et al. 2022, sec. 3.4 / appendix)."""
     k = nfe // 3 + 1
@@ -331,3 +227,103 @@ def run_fast(denoise_fn, x, schedule, ts, *, algorithm, solver_type, method="dpm
         denoise_fn, x, schedule, grid, orders, algorithm=algorithm, solver_type=solver_type,
         static=False,
     )  # fmt: skip
+
+
+def run_singlestep(
+    method, algorithm, denoise_fn, x, schedule, ts, order, solver_type, intermediate, lof
+):
+    """Checks the options, then the paper's points (run_paper) or diffusers' grid (run_grid;
+    lower_order_final `lof` is used there only)."""
+    check_order(method, order, (1, 2, 3))
+    check_options(method, solver_type, intermediate)
+    kw = dict(algorithm=algorithm, solver_type=solver_type)
+    if intermediate == "grid":
+        return run_grid(denoise_fn, x, schedule, ts, order=order, lower_order_final=lof, **kw)
+    return run_paper(denoise_fn, x, schedule, ts, [order] * (ts.shape[0] - 1), **kw)
+
+
+# ------------------------------------------------------------------- the methods
+
+
+def dpm_solver(
+    denoise_fn, x, schedule, ts, *, rng=None, order: int = 3, solver_type: str = "midpoint",
+    intermediate: str = "logsnr", lower_order_final: bool = True,
+):  # fmt: skip
+    """Singlestep DPM-Solver-1/2/3 (Lu et al. 2022, arXiv:2206.00927, Algorithms 1-2, eqs. 3.7-3.8
+    and appendix), noise prediction: integrates eps_hat = (x_t - alpha_t x0_hat) / sigma_t.
+
+    order 1 is DDIM; order 2 takes the midpoint lambda_s + h/2 (eq. 3.7); order 3 the points
+    lambda_s + h/3, lambda_s + 2h/3 (eq. 3.8), `order` NFE a step. intermediate="grid":
+    diffusers' DPMSolverSinglestepScheduler(algorithm_type="dpmsolver"), one NFE per grid interval.
+    """
+    del rng
+    return run_singlestep(
+        "dpm_solver", "dpmsolver", denoise_fn, x, schedule, ts, order, solver_type, intermediate,
+        lower_order_final,
+    )  # fmt: skip
+
+
+def dpm_solver_fast(denoise_fn, x, schedule, ts, *, rng=None, solver_type: str = "midpoint"):
+    """DPM-Solver-fast (Lu et al. 2022, arXiv:2206.00927, sec. 3.4), noise prediction.
+
+    num_steps is the NFE BUDGET N, not the number of steps: K = floor(N/3) + 1 steps uniform in
+    logSNR between the grid's end points, DPM-Solver-3 except the last one or two (N mod 3); see
+    run_fast.
+    """
+    del rng
+    check_options("dpm_solver_fast", solver_type)
+    return run_fast(denoise_fn, x, schedule, ts, algorithm="dpmsolver", solver_type=solver_type)
+
+
+def dpmpp_singlestep(
+    denoise_fn, x, schedule, ts, *, rng=None, order: int = 2, solver_type: str = "midpoint",
+    intermediate: str = "logsnr", lower_order_final: bool = True,
+):  # fmt: skip
+    """Singlestep DPM-Solver++(1/2/3S) (Lu et al. 2022b, arXiv:2211.01095, Algorithm 1 and
+    appendix), data prediction: integrates x0_hat.
+
+    order 2 (default, as diffusers) takes r1 = 1/2, order 3 r1 = 1/3, r2 = 2/3; `order` NFE a step.
+    intermediate="grid": diffusers' DPMSolverSinglestepScheduler, one NFE per grid interval.
+    """
+    del rng
+    return run_singlestep(
+        "dpmpp_singlestep", "dpmsolver++", denoise_fn, x, schedule, ts, order, solver_type,
+        intermediate, lower_order_final,
+    )  # fmt: skip
+
+
+def dpmpp_2s(
+    denoise_fn, x, schedule, ts, *, rng=None, solver_type: str = "midpoint",
+    intermediate: str = "logsnr", lower_order_final: bool = True,
+):  # fmt: skip
+    """DPM-Solver++(2S) (Lu et al. 2022b, arXiv:2211.01095, Algorithm 1): per step from s to t,
+    with s1 at lambda_s + r h, r = 1/2 (2 NFE a step; dpmpp_singlestep with order 2),
+
+        u = sigma_s1/sigma_s x_s + alpha_s1 (1 - e^{-r h}) x0_hat_s
+        D = (1 - 1/(2r)) x0_hat_s + 1/(2r) x0_hat(u, s1)
+        x_t = sigma_t/sigma_s x_s + alpha_t (1 - e^{-h}) D
+    """
+    del rng
+    return run_singlestep(
+        "dpmpp_2s", "dpmsolver++", denoise_fn, x, schedule, ts, 2, solver_type, intermediate,
+        lower_order_final,
+    )  # fmt: skip
+
+
+METHODS = methods(
+    dpm_solver=Method(
+        dpm_solver, functools.partial(singlestep_nfe, order=3), default_grid="logsnr",
+        orders=(1, 2, 3), paper=DPM_SOLVER,
+    ),
+    dpm_solver_fast=Method(
+        dpm_solver_fast, default_grid="logsnr", paper=DPM_SOLVER + ", DPM-Solver-fast"
+    ),
+    dpmpp_singlestep=Method(
+        dpmpp_singlestep, functools.partial(singlestep_nfe, order=2), default_grid="logsnr",
+        orders=(1, 2, 3), paper=DPM_SOLVER_PP,
+    ),
+    dpmpp_2s=Method(
+        dpmpp_2s, functools.partial(singlestep_nfe, order=2), default_grid="logsnr",
+        paper=DPM_SOLVER_PP,
+    ),
+)  # fmt: skip
