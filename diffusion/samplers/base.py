@@ -13,7 +13,7 @@ the method says otherwise).
 Helpers shared by the families: `alpha_sigma` / `point` (alpha_t, sigma_t (, lambda_t) in the
 state's dtype),
 `check_noises` / `step_noise` (the standard normal noise of step i, injected or drawn from the
-rng), `check_order`, `scan_steps`.
+rng), `check_order`, `scan_steps`, `dynamic_threshold`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class Method:
     default_grid: str = "linspace"
     orders: tuple[int, ...] = ()  # values the `order` option may take; () if it has none
     paper: str = ""
+    data_prediction: bool = False  # integrates x0_hat: `thresholding` applies (sample())
+    adaptive: bool = False  # chooses its own steps; run returns (x, info) with the NFE used
     name: str = ""  # the registry key, set by `methods`
 
 
@@ -79,8 +81,9 @@ def point(schedule, t, dtype) -> Point:
     return Point(*alpha_sigma(schedule, t, dtype), jnp.asarray(schedule.logsnr(t), dtype))
 
 
-def check_noises(noises, num_steps: int, x, rng=None, method: str | None = None):
-    """Validate injected per-step noise: an array (num_steps, *x.shape), or None.
+def check_noises(noises, num_steps: int, x, rng=None, method: str | None = None, per_step=None):
+    """Validate injected noise: an array (num_steps, *x.shape), or (num_steps, per_step, *x.shape)
+    for methods that draw per_step normals a step; or None.
 
     With `method` given, the run is stochastic: it needs rng or noises.
     """
@@ -89,16 +92,28 @@ def check_noises(noises, num_steps: int, x, rng=None, method: str | None = None)
     if noises is None:
         return None
     noises = jnp.asarray(noises, x.dtype)
-    want = (num_steps, *x.shape)
+    want = (num_steps, *x.shape) if per_step is None else (num_steps, per_step, *x.shape)
     if noises.shape != want:
-        raise ValueError(
-            f"noises has shape {noises.shape}; expected (num_steps, *x.shape) = {want}"
-        )
+        names = "(num_steps, *x.shape)" if per_step is None else "(num_steps, per_step, *x.shape)"
+        raise ValueError(f"noises has shape {noises.shape}; expected {names} = {want}")
     return noises
 
 
-def step_noise(rng, noises, i, x):
-    """Standard normal noise for step i: noises[i] if injected, else drawn with fold_in(rng, i)."""
+def step_noise(rng, noises, i, x, per_step=None):
+    """Standard normal noise for step i: noises[i] if injected, else drawn with fold_in(rng, i);
+    shape x.shape, or (per_step, *x.shape)."""
     if noises is not None:
         return noises[i]
-    return jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+    shape = x.shape if per_step is None else (per_step, *x.shape)
+    return jax.random.normal(jax.random.fold_in(rng, i), shape, x.dtype)
+
+
+def dynamic_threshold(x0_hat, ratio: float = 0.995, max_value: float = 1.0):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3; diffusers' `_threshold_sample`).
+
+    Per sample, s = the `ratio` quantile of |x0_hat| over all non-batch axes, clipped to
+    [1, max_value]; x0_hat is clipped to [-s, s] and divided by s, so it lies in [-1, 1].
+    """
+    flat = x0_hat.reshape(x0_hat.shape[0], -1)  # (B, D)
+    s = jnp.clip(jnp.quantile(jnp.abs(flat), ratio, axis=1, keepdims=True), 1.0, max_value)
+    return (jnp.clip(flat, -s, s) / s).reshape(x0_hat.shape)

@@ -25,6 +25,7 @@ import numpy as np
 
 from diffusion.samplers.base import Method, Point, check_order, methods, point, scan_steps
 from diffusion.samplers.dpm_multistep import (
+    ALGORITHMS,
     DPM_SOLVER,
     DPM_SOLVER_PP,
     check_solver_type,
@@ -33,6 +34,7 @@ from diffusion.samplers.dpm_multistep import (
 )
 
 INTERMEDIATE = ("logsnr", "grid")
+S2_UPDATES = (None, "taylor", "solver_type")
 
 
 def check_options(method: str, solver_type: str, intermediate: str = "logsnr"):
@@ -76,11 +78,12 @@ def singlestep_update(alg, solver_type, order, x_s, ms, pts, t: Point):
     return x_t + c.c1_heun * d1 + c.c2 * d2
 
 
-def _paper_step(denoise_fn, schedule, alg, solver_type, order, x, t_s, t_t):
+def _paper_step(denoise_fn, schedule, alg, solver_type, s2_solver, order, x, t_s, t_t):
     """One singlestep DPM-Solver-k step (Lu et al. 2022, Algorithms 4-5; 2022b, Algorithm 1).
 
-    Intermediate times at lambda_s + r h: r1 = 1/2 (order 2), r1 = 1/3, r2 = 2/3 (order 3). As in
-    Lu's code, the order-3 point s2 is reached with the "heun" (Taylor) second-order update.
+    Intermediate times at lambda_s + r h: r1 = 1/2 (order 2), r1 = 1/3, r2 = 2/3 (order 3). The
+    order-3 point s2 is reached with the second-order update of type s2_solver ("heun", the
+    Taylor form, in Lu's code).
     """
     dtype = x.dtype
     s, t = point(schedule, t_s, dtype), point(schedule, t_t, dtype)
@@ -94,12 +97,14 @@ def _paper_step(denoise_fn, schedule, alg, solver_type, order, x, t_s, t_t):
     u1 = singlestep_update(alg, solver_type, 1, x, ms, pts[:1], pts[1])
     ms.append(model_output(denoise_fn, u1, ts_mid[0], pts[1], alg))
     if order == 3:
-        u2 = singlestep_update(alg, "heun", 2, x, ms, pts[:2], pts[2])
+        u2 = singlestep_update(alg, s2_solver, 2, x, ms, pts[:2], pts[2])
         ms.append(model_output(denoise_fn, u2, ts_mid[1], pts[2], alg))
     return singlestep_update(alg, solver_type, order, x, ms, pts, t)
 
 
-def run_paper(denoise_fn, x, schedule, ts, orders, *, algorithm, solver_type, static=True):
+def run_paper(
+    denoise_fn, x, schedule, ts, orders, *, algorithm, solver_type, s2_solver="heun", static=True
+):
     """Singlestep solver with per-step orders (list of ints) over grid ts.
 
     A step to t = 0 is taken as a first-order step (1 NFE, returns x0_hat). With a concrete grid
@@ -112,7 +117,8 @@ def run_paper(denoise_fn, x, schedule, ts, orders, *, algorithm, solver_type, st
     def order_step(k):
         def step(x, inp):
             _, t_s, t_t = inp
-            return _paper_step(denoise_fn, schedule, algorithm, solver_type, k, x, t_s, t_t)
+            args = (denoise_fn, schedule, algorithm, solver_type, s2_solver, k, x, t_s, t_t)
+            return _paper_step(*args)
 
         return step
 
@@ -148,22 +154,33 @@ def diffusers_order_list(num_steps: int, order: int, lower_order_final: bool) ->
     return {1: [1], 2: [1, 2], 3: [1, 2, 3]}[order] * (n // order)
 
 
-def run_grid(denoise_fn, x, schedule, ts, *, algorithm, solver_type, order, lower_order_final):
+def run_grid(
+    denoise_fn, x, schedule, ts, *, algorithm, solver_type, order, lower_order_final,
+    s2_solver=None,
+):  # fmt: skip
     """diffusers `DPMSolverSinglestepScheduler`: grid points are the intermediate times.
 
     One NFE per grid interval. Steps follow diffusers' order list [1, 2, 3, 1, 2, 3, ...]; an
     order-k step restarts from the sample at the start of its block (the last order-1 step) with
     the k model outputs since then. A final step to sigma = 0 forces lower_order_final and order 1.
+    An order-2 step that reaches the s2 point of an order-3 block uses s2_solver (diffusers:
+    solver_type; Lu's code: "heun").
     """
     n = ts.shape[0] - 1
     base = jnp.asarray(diffusers_order_list(n, order, lower_order_final), jnp.int32)
     final0 = jnp.asarray(diffusers_order_list(n, order, True)[:-1] + [1], jnp.int32)
     orders = jnp.where(ts[-1] == 0, final0, base)  # (n,)
+    to_s2 = jnp.concatenate([orders[1:] == 3, jnp.zeros((1,), bool)])  # (n,) next step order 3
     dtype = x.dtype
 
-    def upd(k, x_block, ms, i, t):
+    def upd(k, x_block, ms, i, t, solver=solver_type):
         pts = [point(schedule, ts[jnp.maximum(i - k + 1 + j, 0)], dtype) for j in range(k)]
-        return singlestep_update(algorithm, solver_type, k, x_block, ms, pts, t)
+        return singlestep_update(algorithm, solver, k, x_block, ms, pts, t)
+
+    def upd2(xb, ms, i, t):
+        if s2_solver in (None, solver_type):
+            return upd(2, xb, ms, i, t)
+        return jnp.where(to_s2[i], upd(2, xb, ms, i, t, s2_solver), upd(2, xb, ms, i, t))
 
     def step(carry, inp):
         x, x_block, m_a, m_b = carry  # m_a, m_b: model outputs of the previous two steps
@@ -174,7 +191,7 @@ def run_grid(denoise_fn, x, schedule, ts, *, algorithm, solver_type, order, lowe
         t = point(schedule, t_t, dtype)
         branches = [
             lambda xb: upd(1, xb, [m0], i, t),
-            lambda xb: upd(2, xb, [m_a, m0], i, t),
+            lambda xb: upd2(xb, [m_a, m0], i, t),
             lambda xb: upd(3, xb, [m_b, m_a, m0], i, t),
         ]
         x_next = jax.lax.switch(o - 1, branches[:order], x_block)
@@ -230,16 +247,25 @@ def run_fast(denoise_fn, x, schedule, ts, *, algorithm, solver_type, method="dpm
 
 
 def run_singlestep(
-    method, algorithm, denoise_fn, x, schedule, ts, order, solver_type, intermediate, lof
-):
+    method, algorithm, denoise_fn, x, schedule, ts, order, solver_type, intermediate, lof,
+    s2_update=None,
+):  # fmt: skip
     """Checks the options, then the paper's points (run_paper) or diffusers' grid (run_grid;
-    lower_order_final `lof` is used there only)."""
+    lower_order_final `lof` is used there only). s2_update: how an order-3 step reaches its second
+    intermediate point: "taylor" (the DPM-Solver authors' code, whatever solver_type; default with
+    intermediate="logsnr") or "solver_type" (diffusers; default with intermediate="grid")."""
     check_order(method, order, (1, 2, 3))
     check_options(method, solver_type, intermediate)
+    if s2_update not in S2_UPDATES:
+        raise ValueError(f"{method}: unknown s2_update {s2_update!r}; valid: {S2_UPDATES}")
     kw = dict(algorithm=algorithm, solver_type=solver_type)
     if intermediate == "grid":
-        return run_grid(denoise_fn, x, schedule, ts, order=order, lower_order_final=lof, **kw)
-    return run_paper(denoise_fn, x, schedule, ts, [order] * (ts.shape[0] - 1), **kw)
+        s2 = "heun" if s2_update == "taylor" else solver_type
+        return run_grid(
+            denoise_fn, x, schedule, ts, order=order, lower_order_final=lof, s2_solver=s2, **kw
+        )
+    s2 = solver_type if s2_update == "solver_type" else "heun"
+    return run_paper(denoise_fn, x, schedule, ts, [order] * (ts.shape[0] - 1), s2_solver=s2, **kw)
 
 
 # ------------------------------------------------------------------- the methods
@@ -247,7 +273,7 @@ def run_singlestep(
 
 def dpm_solver(
     denoise_fn, x, schedule, ts, *, rng=None, order: int = 3, solver_type: str = "midpoint",
-    intermediate: str = "logsnr", lower_order_final: bool = True,
+    intermediate: str = "logsnr", lower_order_final: bool = True, s2_update: str | None = None,
 ):  # fmt: skip
     """Singlestep DPM-Solver-1/2/3 (Lu et al. 2022, arXiv:2206.00927, Algorithms 1-2, eqs. 3.7-3.8
     and appendix), noise prediction: integrates eps_hat = (x_t - alpha_t x0_hat) / sigma_t.
@@ -255,40 +281,50 @@ def dpm_solver(
     order 1 is DDIM; order 2 takes the midpoint lambda_s + h/2 (eq. 3.7); order 3 the points
     lambda_s + h/3, lambda_s + 2h/3 (eq. 3.8), `order` NFE a step. intermediate="grid":
     diffusers' DPMSolverSinglestepScheduler(algorithm_type="dpmsolver"), one NFE per grid interval.
+    s2_update: see run_singlestep ("taylor" is the authors' convention).
     """
     del rng
     return run_singlestep(
         "dpm_solver", "dpmsolver", denoise_fn, x, schedule, ts, order, solver_type, intermediate,
-        lower_order_final,
+        lower_order_final, s2_update,
     )  # fmt: skip
 
 
-def dpm_solver_fast(denoise_fn, x, schedule, ts, *, rng=None, solver_type: str = "midpoint"):
+def dpm_solver_fast(
+    denoise_fn, x, schedule, ts, *, rng=None, solver_type: str = "midpoint",
+    algorithm_type: str = "dpmsolver",
+):  # fmt: skip
     """DPM-Solver-fast (Lu et al. 2022, arXiv:2206.00927, sec. 3.4), noise prediction.
 
     num_steps is the NFE BUDGET N, not the number of steps: K = floor(N/3) + 1 steps uniform in
     logSNR between the grid's end points, DPM-Solver-3 except the last one or two (N mod 3); see
-    run_fast.
+    run_fast. algorithm_type="dpmsolver++" is the authors' DPM-Solver++ variant (their code's
+    `DPM_Solver(algorithm_type="dpmsolver++").sample(method="singlestep")`): the same steps and
+    orders with the data-prediction updates of dpmpp_singlestep.
     """
     del rng
     check_options("dpm_solver_fast", solver_type)
-    return run_fast(denoise_fn, x, schedule, ts, algorithm="dpmsolver", solver_type=solver_type)
+    if algorithm_type not in ALGORITHMS:
+        raise ValueError(f"dpm_solver_fast: unknown algorithm_type {algorithm_type!r}; valid: "
+                         f"{ALGORITHMS}")  # fmt: skip
+    return run_fast(denoise_fn, x, schedule, ts, algorithm=algorithm_type, solver_type=solver_type)
 
 
 def dpmpp_singlestep(
     denoise_fn, x, schedule, ts, *, rng=None, order: int = 2, solver_type: str = "midpoint",
-    intermediate: str = "logsnr", lower_order_final: bool = True,
+    intermediate: str = "logsnr", lower_order_final: bool = True, s2_update: str | None = None,
 ):  # fmt: skip
     """Singlestep DPM-Solver++(1/2/3S) (Lu et al. 2022b, arXiv:2211.01095, Algorithm 1 and
     appendix), data prediction: integrates x0_hat.
 
     order 2 (default, as diffusers) takes r1 = 1/2, order 3 r1 = 1/3, r2 = 2/3; `order` NFE a step.
     intermediate="grid": diffusers' DPMSolverSinglestepScheduler, one NFE per grid interval.
+    s2_update: see run_singlestep ("taylor" is the authors' convention).
     """
     del rng
     return run_singlestep(
         "dpmpp_singlestep", "dpmsolver++", denoise_fn, x, schedule, ts, order, solver_type,
-        intermediate, lower_order_final,
+        intermediate, lower_order_final, s2_update,
     )  # fmt: skip
 
 
@@ -320,10 +356,10 @@ METHODS = methods(
     ),
     dpmpp_singlestep=Method(
         dpmpp_singlestep, functools.partial(singlestep_nfe, order=2), default_grid="logsnr",
-        orders=(1, 2, 3), paper=DPM_SOLVER_PP,
+        orders=(1, 2, 3), paper=DPM_SOLVER_PP, data_prediction=True,
     ),
     dpmpp_2s=Method(
         dpmpp_2s, functools.partial(singlestep_nfe, order=2), default_grid="logsnr",
-        paper=DPM_SOLVER_PP,
+        paper=DPM_SOLVER_PP, data_prediction=True,
     ),
 )  # fmt: skip

@@ -52,7 +52,7 @@ def ode_time(schedule, s):
     return schedule.t_from_sigma_ratio(s)
 
 
-def _scale(schedule, t, dtype):
+def ode_scale(schedule, t, dtype):
     """x = scale(t) * y: 1 for flow, alpha(t) for vp / ve."""
     if schedule.family == "flow":
         return jnp.ones((), dtype)
@@ -87,7 +87,7 @@ def _integrate(update, denoise_fn, x, schedule, ts, churn=None):
     dtype = x.dtype
 
     def f(y, s, t):  # dy/ds = (y - x0_hat) / s
-        x0_hat = denoise_fn(_scale(schedule, t, dtype) * y, t)
+        x0_hat = denoise_fn(ode_scale(schedule, t, dtype) * y, t)
         return (y - x0_hat) / s
 
     def step(y, inp):
@@ -98,8 +98,8 @@ def _integrate(update, denoise_fn, x, schedule, ts, churn=None):
             y, s, t = churn(y, s, t, i)
         return update(f, y, s, t, s_next, t_next, i == n - 1)
 
-    y = scan_steps(step, x / _scale(schedule, ts[0], dtype), ts)
-    return _scale(schedule, ts[-1], dtype) * y
+    y = scan_steps(step, x / ode_scale(schedule, ts[0], dtype), ts)
+    return ode_scale(schedule, ts[-1], dtype) * y
 
 
 def _stage(schedule, s, dtype):

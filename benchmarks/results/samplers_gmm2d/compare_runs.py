@@ -2,7 +2,7 @@
 
     python compare_runs.py BEFORE/metrics.jsonl AFTER/metrics.jsonl
 
-Rows are matched on (method, nfe_target); every non-timing field must be exactly equal (== on
+Rows are matched on (method, nfe_target, rtol); every non-timing field must be exactly equal (== on
 the JSON values, so 0 difference, not a tolerance). Rows present in only one file are listed
 (a new sweep may add methods); the exit status is 1 on any difference in a shared row.
 """
@@ -18,7 +18,7 @@ def load(path):
     for line in open(path):
         r = json.loads(line)
         if r.get("kind") == "run":
-            runs[(r["method"], r["nfe_target"])] = r
+            runs[(r["method"], r["nfe_target"], r.get("rtol"))] = r
         else:
             other.append(r)
     return runs, other
@@ -27,7 +27,7 @@ def load(path):
 def main(before, after):
     a, a_other = load(before)
     b, b_other = load(after)
-    shared = sorted(set(a) & set(b))
+    shared = sorted(set(a) & set(b), key=str)
     diffs, values = [], 0
     for key in shared:
         fields = (set(a[key]) | set(b[key])) - TIMING - {"step", "time"}
@@ -42,8 +42,8 @@ def main(before, after):
         if orders_a[k] != orders_b[k]:
             diffs.append((("orders", k), "order", orders_a[k], orders_b[k]))
     print(f"{len(shared)} run rows compared ({values} values incl. orders); {len(diffs)} differ")
-    print(f"only before: {sorted(set(a) - set(b))}")
-    print(f"only after: {sorted(set(b) - set(a))}")
+    print(f"only before: {sorted(set(a) - set(b), key=str)}")
+    print(f"only after: {sorted(set(b) - set(a), key=str)}")
     for d in diffs:
         print("DIFF", *d)
     return 1 if diffs else 0
