@@ -143,6 +143,24 @@ def plot_samples(gmm, exact, samples: dict, path):
     plt.close(fig)
 
 
+def sweep(cfg) -> list[tuple[str, dict, int | None]]:
+    """(method, options, NFE target) jobs: every method at every NFE in cfg.nfes; adaptive methods
+    choose their steps, so one run per (rtol, atol) in cfg.tolerances, target None."""
+    jobs = [(m, kw, nfe) for m, kw in parse_methods(cfg.methods) for nfe in cfg.nfes]
+    adaptive = parse_methods(cfg.adaptive)
+    return jobs + [
+        (m, kw | dict(rtol=r, atol=a), None) for m, kw in adaptive for r, a in cfg.tolerances
+    ]
+
+
+def distribution_metrics(gmm, out, exact, swd_rng) -> dict:
+    """Sliced W2 to exact samples and mean exact log-likelihood of the samples."""
+    return {
+        "swd": float(metrics.sliced_wasserstein(jnp.asarray(out), exact, swd_rng)),
+        "loglik": float(jnp.mean(gmm.log_prob(jnp.asarray(out)))),
+    }
+
+
 def benchmark(cfg, workdir: str) -> dict:
     wd = Workdir(workdir, cfg)
     jax.config.update("jax_enable_x64", bool(cfg.x64))
@@ -151,15 +169,9 @@ def benchmark(cfg, workdir: str) -> dict:
         cfg.schedule, **({"shift": cfg.shift} if cfg.schedule == "rectified_flow" else {})
     )
     t_end = schedule.t_min if cfg.t_end == "t_min" else float(cfg.t_end)
-    methods = parse_methods(cfg.methods)
-    adaptive = parse_methods(cfg.adaptive)
     rng = jax.random.key(cfg.seed)
-    x_T = samplers.prior(
-        schedule,
-        jax.random.fold_in(rng, 1),
-        (cfg.num_samples, *gmm.event_shape),
-        jnp.result_type(float),
-    )
+    shape = (cfg.num_samples, *gmm.event_shape)
+    x_T = samplers.prior(schedule, jax.random.fold_in(rng, 1), shape, jnp.result_type(float))
     if gmm.means.shape[0] == 1:
         reference = np.asarray(gmm.ode_map(x_T, schedule.t_max, t_end, schedule))
     else:
@@ -173,10 +185,7 @@ def benchmark(cfg, workdir: str) -> dict:
     )
     rows, scatter = [], {}
     grid_fn = lambda n: samplers.time_grid(schedule, cfg.grid, n, t_end=t_end)
-    jobs = [(m, kw, nfe) for m, kw in methods for nfe in cfg.nfes]
-    # Adaptive methods choose their steps: one run per tolerance, with the NFE the run reports.
-    jobs += [(m, kw | dict(rtol=r, atol=a), None) for m, kw in adaptive for r, a in cfg.tolerances]
-    for name, kw, target in tqdm(jobs, desc="benchmark", unit="run"):
+    for name, kw, target in tqdm(sweep(cfg), desc="benchmark", unit="run"):
         num_steps = 1 if target is None else steps_for_nfe(name, kw, target, grid_fn)
         if num_steps is None:
             continue
@@ -192,8 +201,7 @@ def benchmark(cfg, workdir: str) -> dict:
             "nfe": nfe,
             "stochastic": samplers.get(name).stochastic,
             "rms_error": float(np.sqrt(np.mean((out - reference) ** 2))),
-            "swd": float(metrics.sliced_wasserstein(jnp.asarray(out), exact, swd_rng)),
-            "loglik": float(jnp.mean(gmm.log_prob(jnp.asarray(out)))),
+            **distribution_metrics(gmm, out, exact, swd_rng),
             "compile_s": compile_s,
             "sample_ms": ms,
         }

@@ -48,6 +48,36 @@ def _check(method, eta, s_noise, noises, n, x, rng, per_step=None):
     return base.check_noises(noises, n, x, rng, method=stochastic, per_step=per_step)
 
 
+def _ancestral(method, denoise_fn, x, schedule, ts, rng, noises, eta, s_noise, second_order):
+    """Scan of ancestral steps: D (x0_hat, or the 2S midpoint estimate) to the down point, then
+    noise s_noise alpha_next r_up z."""
+    noises = _check(method, eta, s_noise, noises, ts.shape[0] - 1, x, rng)
+    dtype = x.dtype
+
+    def step(x, inp):
+        i, t, t_next = inp
+        p, p_next = point(schedule, t, dtype), point(schedule, t_next, dtype)
+        down, noise_std = ancestral_split(p, p_next, eta)
+        x0_hat = denoise_fn(x, t)
+
+        def midpoint_estimate():  # DPM-Solver++(2S), r = 1/2: x0_hat at lambda + h/2
+            t_s = schedule.t_from_logsnr(0.5 * (p.lam + down.lam)).astype(t.dtype)
+            p_s = point(schedule, t_s, dtype)
+            c_s = coeffs("dpmsolver++", p, p_s)
+            return denoise_fn(c_s.c_x * x + c_s.c0 * x0_hat, t_s)
+
+        d = x0_hat
+        if second_order:  # first order on the step to sigma = 0: x0_hat, no wasted NFE
+            d = jax.lax.cond(p_next.sigma == 0, lambda: x0_hat, midpoint_estimate)
+        c = coeffs("dpmsolver++", p, down)
+        x = c.c_x * x + c.c0 * d
+        if eta == 0 or s_noise == 0:
+            return x
+        return x + s_noise * noise_std * base.step_noise(rng, noises, i, x)
+
+    return scan_steps(step, x, ts)
+
+
 def euler_ancestral(
     denoise_fn, x, schedule, ts, *, rng=None, noises=None, eta: float = 1.0, s_noise: float = 1.0
 ):  # fmt: skip
@@ -58,20 +88,8 @@ def euler_ancestral(
 
     noises: None (z from fold_in(rng, i)) or (num_steps, *x.shape) normals.
     """
-    noises = _check("euler_ancestral", eta, s_noise, noises, ts.shape[0] - 1, x, rng)
-    dtype = x.dtype
-
-    def step(x, inp):
-        i, t, t_next = inp
-        p, p_next = point(schedule, t, dtype), point(schedule, t_next, dtype)
-        down, noise_std = ancestral_split(p, p_next, eta)
-        c = coeffs("dpmsolver++", p, down)
-        x = c.c_x * x + c.c0 * denoise_fn(x, t)
-        if eta == 0 or s_noise == 0:
-            return x
-        return x + s_noise * noise_std * base.step_noise(rng, noises, i, x)
-
-    return scan_steps(step, x, ts)
+    args = (rng, noises, eta, s_noise, False)
+    return _ancestral("euler_ancestral", denoise_fn, x, schedule, ts, *args)
 
 
 def dpmpp_2s_ancestral(
@@ -86,29 +104,8 @@ def dpmpp_2s_ancestral(
 
     2 NFE a step; the step to sigma = 0 is first order (1 NFE, returns x0_hat).
     """
-    noises = _check("dpmpp_2s_ancestral", eta, s_noise, noises, ts.shape[0] - 1, x, rng)
-    dtype = x.dtype
-
-    def step(x, inp):
-        i, t, t_next = inp
-        p, p_next = point(schedule, t, dtype), point(schedule, t_next, dtype)
-        down, noise_std = ancestral_split(p, p_next, eta)
-        x0_hat = denoise_fn(x, t)
-
-        def second_order():
-            t_s = schedule.t_from_logsnr(0.5 * (p.lam + down.lam)).astype(t.dtype)
-            p_s = point(schedule, t_s, dtype)
-            c_s = coeffs("dpmsolver++", p, p_s)
-            return denoise_fn(c_s.c_x * x + c_s.c0 * x0_hat, t_s)
-
-        d = jax.lax.cond(p_next.sigma == 0, lambda: x0_hat, second_order)
-        c = coeffs("dpmsolver++", p, down)
-        x = c.c_x * x + c.c0 * d
-        if eta == 0 or s_noise == 0:
-            return x
-        return x + s_noise * noise_std * base.step_noise(rng, noises, i, x)
-
-    return scan_steps(step, x, ts)
+    args = (rng, noises, eta, s_noise, True)
+    return _ancestral("dpmpp_2s_ancestral", denoise_fn, x, schedule, ts, *args)
 
 
 def brownian_pair(p: Point, p_s: Point, p_next: Point, n):

@@ -13,8 +13,10 @@ sampling alternates f and re-noising to the next grid time with fresh noise:
     x_{i+1} = alpha_{i+1} f(x_i, t_i) + sigma_{i+1} z_i,
 
 which on the default grids ends with x_N = f(x_{N-1}, t_{N-1}) (t_N = 0). The timesteps are the
-"lcm" grid: num_steps of the original_inference_steps distillation timesteps (grids.py). The
-consistency scalings use the DDPM-table timestep index, so lcm needs a discrete schedule.
+"lcm" grid: num_steps of the original_inference_steps distillation timesteps (grids.py; for a
+model distilled with another count, pass grid=time_grid(schedule, "lcm", n,
+original_inference_steps=k)). The consistency scalings use the DDPM-table timestep index, so lcm
+needs a discrete schedule.
 """
 
 from __future__ import annotations
