@@ -1,7 +1,7 @@
 """Tiny random-weight diffusers pipeline folders for the pipeline tests, written once per
 session with diffusers' own `save_pretrained` (no network): a byte-level BPE CLIP tokenizer
 (vocab.json + merges.txt), a Unigram T5 tokenizer (tokenizer.json), 2-layer width-32 CLIP
-encoders, a 2-layer T5, a (32, 64) U-Net / 2-layer MMDiT on 8x8 latents and a factor-2 VAE
+encoders, a 2-layer T5, a one-level width-32 U-Net / 2-layer MMDiT on 8x8 latents and a factor-2 VAE
 (16x16 images).
 
 Import the fixtures into a test module: `from _pipeline_fixtures import sd_folder`.
@@ -79,11 +79,13 @@ def clip(tok, *, projection: bool, seed: int, hidden: int = 32):
 
 
 def unet(*, in_channels=4, cross=32, sdxl=False, seed=0):
+    """One resolution level (cross-attention down, mid and up blocks): the U-Net itself is
+    tested against diffusers in test_unet.py; here compile time matters."""
     kw = dict(
         sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=cross,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32,), norm_num_groups=8, cross_attention_dim=cross,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
     )  # fmt: skip
     if sdxl:  # text_time micro-conditioning: 6 ids x 8 + the 32-d pooled projection
         kw |= dict(addition_embed_type="text_time", addition_time_embed_dim=8,
