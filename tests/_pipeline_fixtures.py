@@ -60,17 +60,17 @@ def _randomize(model, seed, scale=1.0):
                 p.copy_(1.0 + 0.2 * r)
             elif p.ndim == 1:
                 p.copy_(0.2 * r)
-            elif "embed" in name and p.ndim == 2:
-                p.copy_(r)
+            elif name.endswith(("embedding.weight", "shared.weight", "embed_tokens.weight")):
+                p.copy_(r)  # token / position tables
             else:
                 p.copy_(scale * r / np.sqrt(p[0].numel()))
     return model.eval()
 
 
-def clip(tok, *, projection: bool, seed: int, hidden: int = 32):
+def clip(tok, *, projection: bool, seed: int, hidden: int = 32, layers: int = 2):
     cfg = transformers.CLIPTextConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=32,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_LEN,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_LEN,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )  # fmt: skip
@@ -173,6 +173,47 @@ def write_sd3(path, *, with_t5=True):
     return str(path)
 
 
+def write_tiny(path):
+    """The smallest folder, in the layout the project's own exports use: a pixel-space
+    (no VAE) 1-layer MMDiT on 8x8 RGB, one CLIP encoder, a CLIPTokenizer folder of vocab.json +
+    merges.txt only, rectified flow. diffusers cannot load it (SD3 needs two CLIPs); we can."""
+    path = str(path)
+    tok = clip_tokenizer()
+    torch.manual_seed(9)
+    transformer = _randomize(diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=3, out_channels=3, num_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
+    ), 9)  # fmt: skip
+    transformer.save_pretrained(os.path.join(path, "transformer"))
+    clip(tok, projection=True, seed=10, layers=1).save_pretrained(
+        os.path.join(path, "text_encoder")
+    )
+    folder = os.path.join(path, "tokenizer")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(tok.get_vocab(), f)
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": MAX_LEN}, f)
+    diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(
+        os.path.join(path, "scheduler")
+    )
+    none = [None, None]
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
+             "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "vae": none,
+             "text_encoder_2": none, "tokenizer_2": none, "text_encoder_3": none,
+             "tokenizer_3": none}  # fmt: skip
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return path
+
+
 def _edit_index(path, **entries):
     file = os.path.join(path, "model_index.json")
     with open(file) as f:
@@ -180,6 +221,11 @@ def _edit_index(path, **entries):
     index.update(entries)
     with open(file, "w") as f:
         json.dump(index, f)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -99,7 +99,7 @@ def test_inpaint_matches_diffusers(sd_folder, sd_inpaint_folder, channels):  # n
     path = sd_inpaint_folder if channels == 9 else sd_folder
     scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER, clip_sample=False, steps_offset=1)
     ref, ours = _pair(path, diffusers.StableDiffusionInpaintPipeline, scheduler)
-    assert ours._inpaint_mode() == ("concat" if channels == 9 else "replace")
+    assert ours.inpaint_mode() == ("concat" if channels == 9 else "replace")
     for scale in (1.0, 5.0):
         negative = NEGATIVE if scale > 1 else None
         kw = dict(negative_prompt=negative, guidance_scale=scale)

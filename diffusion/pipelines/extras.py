@@ -24,9 +24,9 @@ from diffusion.pipelines import images
 
 
 def slerp(a, b, w):
-    """Spherical interpolation between noise tensors a and b (leading axis: frames w)."""
+    """Spherical interpolation between noise tensors a and b: (F, *a.shape) for weights w."""
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    w = jnp.asarray(w, jnp.float32).reshape(-1, *([1] * (a.ndim - 1)))  # (F, 1, ...)
+    w = jnp.asarray(w, jnp.float32).reshape(-1, *([1] * a.ndim))  # (F, 1, ...)
     cos = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
     theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
     lerp = (1 - w) * a + w * b
@@ -76,7 +76,7 @@ class Extras:
             raise ValueError(f"upscale must be 'latent' or 'pixel', got {upscale!r}")
         if not scale >= 1.0:
             raise ValueError(f"hi-res scale must be >= 1, got {scale!r}")
-        height, width = self._size(height, width)
+        height, width = self.resolve_size(height, width)
         f = self.size_factor
         big_h, big_w = (int(round(s * scale / f)) * f for s in (height, width))
         keys = self._keys(rng)
@@ -96,11 +96,13 @@ class Extras:
 
     def prompt_travel(self, prompt: str, to_prompt: str, *, frames: int = 8, batch_size: int = 4,
                       negative_prompt=None, height=None, width=None, guidance_scale=None,
-                      rng=None, latents=None, to_latents=None, clip_skip=None, **kw):  # fmt: skip
-        """(frames, H, W, 3): frame i at w = i / (frames - 1) from prompt to to_prompt."""
+                      rng=None, latents=None, to_latents=None, clip_skip=None, progress=None,
+                      **kw):  # fmt: skip
+        """(frames, H, W, 3): frame i at w = i / (frames - 1) from prompt to to_prompt.
+        progress: optional callable(frames done) after each batch."""
         if not isinstance(frames, int) or frames < 2:
             raise ValueError(f"frames must be an integer >= 2, got {frames!r}")
-        height, width = self._size(height, width)
+        height, width = self.resolve_size(height, width)
         scale, guided = self._guided(guidance_scale)
         family = ("original_size", "crops_coords_top_left", "target_size", "max_sequence_length")
         extra = {k: kw.pop(k) for k in family if k in kw}
@@ -131,6 +133,8 @@ class Extras:
                 guidance_scale=scale, rng=keys[2], **kw,
             )  # fmt: skip
             out.append(imgs[: frames - start])
+            if progress is not None:
+                progress(min(start + batch_size, frames))
         return np.concatenate(out)[:frames]
 
     def composable_text_to_image(self, prompt: str, *, negative_prompt=None, height=None,
@@ -140,7 +144,7 @@ class Extras:
         """Composable Diffusion: sub-prompts joined with AND, each optionally ending in
         ':weight' (default 1); guidance_scale multiplies every weight."""
         parts = parse_composable(prompt)
-        height, width = self._size(height, width)
+        height, width = self.resolve_size(height, width)
         scale = self.default_guidance if guidance_scale is None else float(guidance_scale)
         enc = dict(num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
                    height=height, width=width, **kw)  # fmt: skip

@@ -30,7 +30,7 @@ class Generation:
         """Images (B, H, W, 3) in [0, 1] from noise; latents as diffusers' `latents` (scaled by
         the scheduler's init_noise_sigma as there). conditioning=(cond, uncond) skips the text
         encoders (see encode_prompt)."""
-        height, width = self._size(height, width)
+        height, width = self.resolve_size(height, width)
         scale, guided = self._guided(guidance_scale)
         cond, uncond = conditioning or self.encode_prompt(
             prompt, negative_prompt, guided=guided, num_images_per_prompt=num_images_per_prompt,
@@ -104,7 +104,7 @@ class Generation:
         if latents is not None and noise is not None:
             raise ValueError("pass latents or noise, not both (for inpainting they are the same)")
         noise = latents if latents is not None else noise
-        mode = self._inpaint_mode()
+        mode = self.inpaint_mode()
         if image is None or mask is None:
             raise ValueError("inpaint needs an image and a mask")
         pixels = images.as_unit_images(image)
@@ -142,7 +142,7 @@ class Generation:
         return self._output(self._execute(setting, inputs, scale, keys[3], batch), output)
 
     # ------------------------------------------------------------------ helpers
-    def _inpaint_mode(self) -> str:
+    def inpaint_mode(self) -> str:
         cfg, lc = self.denoiser.config, self.latent_channels
         if cfg.in_channels == 2 * lc + 1:
             return "concat"

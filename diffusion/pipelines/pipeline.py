@@ -129,20 +129,24 @@ class Pipeline(generation.Generation, extras.Extras):
 
     # ------------------------------------------------------------------ planning
     def _times(self, num_steps, method, grid, sampler_options):
-        """(method, options, grid ts) from the folder's scheduler and the caller's overrides."""
+        """(method, options, grid ts). method None: the folder's scheduler (its method, options
+        and diffusers' timesteps); another method: its own default grid (samplers.GRIDS)
+        unless `grid` (a name or an explicit decreasing array) is given."""
         spec = self.scheduler
         if method is None:
             method, options = spec.method, dict(spec.options)
+            grid = spec.grid(num_steps) if grid is None else grid
         else:
-            samplers.get(method)  # unknown names list the valid ones
+            grid = samplers.get(method).default_grid if grid is None else grid  # checks the name
             options = {}
         options.update(sampler_options or {})
-        if grid is None:
-            ts = spec.grid(num_steps)
-        elif isinstance(grid, str):
-            offset = int(spec.get("steps_offset", 0) or 0)
-            kw = {"steps_offset": offset} if grid in ("leading", "trailing") else {}
-            ts = np.asarray(samplers.time_grid(spec.schedule, grid, num_steps, **kw), np.float64)
+        if isinstance(grid, str):
+            sched, kw = spec.schedule, {}
+            if grid in ("leading", "trailing"):
+                kw["steps_offset"] = int(spec.get("steps_offset", 0) or 0)
+            elif sched.family == "flow":  # one training step inside t = 1, where alpha = 0
+                kw["t_start"] = sched.t_max - sched.t_min  # (as diffusers' use_flow_sigmas)
+            ts = np.asarray(samplers.time_grid(sched, grid, num_steps, **kw), np.float64)
         else:
             ts = np.asarray(samplers.check_grid(grid), np.float64)
         return method, tuple(sorted(options.items())), ts
@@ -160,7 +164,8 @@ class Pipeline(generation.Generation, extras.Extras):
             )
         return ts[n - steps :]
 
-    def _size(self, height, width):
+    def resolve_size(self, height, width) -> tuple[int, int]:
+        """(height, width), defaults from default_size(); checked against size_factor."""
         dh, dw = self.default_size()
         height, width = height or dh, width or dw
         images.check_size(height, width, self.size_factor)
