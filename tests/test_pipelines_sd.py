@@ -33,12 +33,25 @@ def _draws(seed, n):
     return [torch.randn((2, 4, 8, 8), generator=g).numpy().transpose(0, 2, 3, 1) for _ in range(n)]
 
 
-def _pair(path, cls, scheduler):
-    ref = cls.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = scheduler
+@pytest.fixture(scope="module")
+def loaded(sd_folder, sd_inpaint_folder):  # noqa: F811
+    """Each folder loaded once: (diffusers pipeline, ours) by U-Net input channels."""
+    out = {}
+    for channels, path in ((4, sd_folder), (9, sd_inpaint_folder)):
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(
+            path, safety_checker=None, requires_safety_checker=False
+        )
+        out[channels] = (ref, pipelines.load(path))
+    return out
+
+
+def _pair(loaded, cls, scheduler, channels=4):
+    """diffusers' `cls` on the loaded components and ours, both with `scheduler`."""
+    ref, ours = loaded[channels]
+    ref = cls(**{**ref.components, "scheduler": scheduler})
     ref.set_progress_bar_config(disable=True)
     config = {**scheduler.config, "_class_name": type(scheduler).__name__}
-    return ref, pipelines.load(path).with_scheduler(config)
+    return ref, ours.with_scheduler(config)
 
 
 def _check(got, want, label):
@@ -51,7 +64,8 @@ def _check(got, want, label):
 @pytest.mark.parametrize(
     "prediction,scheduler",
     [
-        ("epsilon", diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULER)),
+        # linspace Euler: fractional timesteps, init_noise_sigma = sigma_max (x_T scaled)
+        ("epsilon", diffusers.EulerDiscreteScheduler(**SD_SCHEDULER)),
         (
             "v_prediction",
             diffusers.DDIMScheduler(
@@ -64,9 +78,9 @@ def _check(got, want, label):
         ),  # fmt: skip
     ],
 )
-def test_text_to_image_matches_diffusers(sd_folder, prediction, scheduler):  # noqa: F811
+def test_text_to_image_matches_diffusers(loaded, prediction, scheduler):
     scheduler.register_to_config(prediction_type=prediction)
-    ref, ours = _pair(sd_folder, diffusers.StableDiffusionPipeline, scheduler)
+    ref, ours = _pair(loaded, diffusers.StableDiffusionPipeline, scheduler)
     outs = []
     for scale, rescale in ((1.0, 0.0), (5.0, 0.7 if prediction == "v_prediction" else 0.0)):
         negative = NEGATIVE if scale > 1 else None
@@ -80,9 +94,9 @@ def test_text_to_image_matches_diffusers(sd_folder, prediction, scheduler):  # n
     assert np.abs(outs[0] - outs[1]).max() > 20 * TOL  # guidance changes the images
 
 
-def test_image_to_image_matches_diffusers(sd_folder):  # noqa: F811
+def test_image_to_image_matches_diffusers(loaded):
     scheduler = diffusers.UniPCMultistepScheduler(**SD_SCHEDULER)
-    ref, ours = _pair(sd_folder, diffusers.StableDiffusionImg2ImgPipeline, scheduler)
+    ref, ours = _pair(loaded, diffusers.StableDiffusionImg2ImgPipeline, scheduler)
     for scale in (1.0, 5.0):
         negative = NEGATIVE if scale > 1 else None
         kw = dict(negative_prompt=negative, guidance_scale=scale, strength=0.6)
@@ -95,10 +109,13 @@ def test_image_to_image_matches_diffusers(sd_folder):  # noqa: F811
 
 
 @pytest.mark.parametrize("channels", [9, 4])
-def test_inpaint_matches_diffusers(sd_folder, sd_inpaint_folder, channels):  # noqa: F811
-    path = sd_inpaint_folder if channels == 9 else sd_folder
-    scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER, clip_sample=False, steps_offset=1)
-    ref, ours = _pair(path, diffusers.StableDiffusionInpaintPipeline, scheduler)
+def test_inpaint_matches_diffusers(loaded, channels):
+    scheduler = (  # known-region replacement is exact for multistep solvers too
+        diffusers.DDIMScheduler(**SD_SCHEDULER, clip_sample=False, steps_offset=1)
+        if channels == 9
+        else diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULER)
+    )
+    ref, ours = _pair(loaded, diffusers.StableDiffusionInpaintPipeline, scheduler, channels)
     assert ours.inpaint_mode() == ("concat" if channels == 9 else "replace")
     for scale in (1.0, 5.0):
         negative = NEGATIVE if scale > 1 else None

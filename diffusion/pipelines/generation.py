@@ -31,19 +31,18 @@ class Generation:
         the scheduler's init_noise_sigma as there). conditioning=(cond, uncond) skips the text
         encoders (see encode_prompt)."""
         height, width = self.resolve_size(height, width)
-        scale, guided = self._guided(guidance_scale)
-        cond, uncond = conditioning or self.encode_prompt(
-            prompt, negative_prompt, guided=guided, num_images_per_prompt=num_images_per_prompt,
-            clip_skip=clip_skip, height=height, width=width, **kw,
+        scale, cond, uncond, batch = self._prompt_batch(
+            prompt, negative_prompt, guidance_scale, conditioning, num_images_per_prompt,
+            clip_skip, height, width, kw,
         )  # fmt: skip
-        batch = cond["encoder_hidden_states"].shape[0]
         method, options, ts = self._times(num_steps, method, grid, sampler_options)
         keys = self._keys(rng)
         shape = self._latent_shape(batch, height, width)
         noise = self._noise(latents, keys[0], shape, "latents")
-        setting = self._setting(method, options, ts, guided and uncond is not None,
-                                guidance_rescale, init_scale=self.scheduler.init_scale(ts),
-                                output=output)  # fmt: skip
+        setting = self._setting(
+            method, options, ts, uncond is not None, guidance_rescale,
+            init_scale=self.scheduler.init_scale(ts), output=output,
+        )  # fmt: skip
         inputs = {"cond": cond, "noise": noise} | ({"uncond": uncond} if setting.guided else {})
         return self._output(self._execute(setting, inputs, scale, keys[3], batch), output)
 
@@ -68,12 +67,10 @@ class Generation:
             pixels = images.as_unit_images(image)
             height, width = pixels.shape[1:3]
         images.check_size(height, width, self.size_factor)
-        scale, guided = self._guided(guidance_scale)
-        cond, uncond = conditioning or self.encode_prompt(
-            prompt, negative_prompt, guided=guided, num_images_per_prompt=num_images_per_prompt,
-            clip_skip=clip_skip, height=height, width=width, **kw,
+        scale, cond, uncond, batch = self._prompt_batch(
+            prompt, negative_prompt, guidance_scale, conditioning, num_images_per_prompt,
+            clip_skip, height, width, kw,
         )  # fmt: skip
-        batch = cond["encoder_hidden_states"].shape[0]
         keys, shape = self._keys(rng), self._latent_shape(batch, height, width)
         inputs = {"cond": cond, "noise": self._noise(noise, keys[0], shape, "noise")}
         if pixels is not None:
@@ -82,7 +79,7 @@ class Generation:
         else:
             inputs["z0"] = self._check_array(self._batch(image_latents, batch, "image_latents"),
                                              shape, "image_latents")  # fmt: skip
-        if guided and uncond is not None:
+        if uncond is not None:
             inputs["uncond"] = uncond
         setting = self._setting(
             method, options, ts, "uncond" in inputs, guidance_rescale, from_noise=False,
@@ -112,12 +109,10 @@ class Generation:
         images.check_size(height, width, self.size_factor)
         method, options, full = self._times(num_steps, method, grid, sampler_options)
         ts = self._truncate(full, strength)
-        scale, guided = self._guided(guidance_scale)
-        cond, uncond = conditioning or self.encode_prompt(
-            prompt, negative_prompt, guided=guided, num_images_per_prompt=num_images_per_prompt,
-            clip_skip=clip_skip, height=height, width=width, **kw,
+        scale, cond, uncond, batch = self._prompt_batch(
+            prompt, negative_prompt, guidance_scale, conditioning, num_images_per_prompt,
+            clip_skip, height, width, kw,
         )  # fmt: skip
-        batch = cond["encoder_hidden_states"].shape[0]
         keys, shape = self._keys(rng), self._latent_shape(batch, height, width)
         pixels = images.to_model_range(self._batch(pixels, batch, "image"))
         binary = images.as_mask(mask, batch, height, width)  # (B, H, W, 1), 1 = repaint
@@ -132,7 +127,7 @@ class Generation:
             inputs["masked_image_noise"] = self._noise(
                 masked_image_noise, keys[2], shape, "masked_image_noise"
             )
-        if guided and uncond is not None:
+        if uncond is not None:
             inputs["uncond"] = uncond
         setting = self._setting(
             method, options, ts, "uncond" in inputs, guidance_rescale, from_noise=from_noise,
@@ -142,6 +137,16 @@ class Generation:
         return self._output(self._execute(setting, inputs, scale, keys[3], batch), output)
 
     # ------------------------------------------------------------------ helpers
+    def _prompt_batch(self, prompt, negative_prompt, guidance_scale, conditioning,
+                      num_images_per_prompt, clip_skip, height, width, kw):  # fmt: skip
+        """(scale, cond, uncond or None when unguided, batch size)."""
+        scale, guided = self._guided(guidance_scale)
+        cond, uncond = conditioning or self.encode_prompt(
+            prompt, negative_prompt, guided=guided, num_images_per_prompt=num_images_per_prompt,
+            clip_skip=clip_skip, height=height, width=width, **kw,
+        )  # fmt: skip
+        return scale, cond, uncond if guided else None, cond["encoder_hidden_states"].shape[0]
+
     def inpaint_mode(self) -> str:
         cfg, lc = self.denoiser.config, self.latent_channels
         if cfg.in_channels == 2 * lc + 1:

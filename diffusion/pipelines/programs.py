@@ -117,12 +117,31 @@ def _replace_known(denoise_fn, schedule, t_first, z0, noise, keep):
     return fn
 
 
-def _guided_model(setting: Setting, net, inputs, scale):
-    model_fn = lambda x, mt, c: network_call(setting.kind, net, x, mt, c)
+def _network(setting: Setting, den_def, den_state):
+    """x -> (network, x). int8 weights are dequantized inside each call, behind an
+    optimization barrier tied to x: otherwise XLA hoists the dequantization out of the sampling
+    loop and holds every float32 kernel for the whole run (no memory saved)."""
+    if not setting.quantized:
+        net = nnx.merge(den_def, den_state)
+        return lambda x: (net, x)
+
+    def get(x):
+        state, x = jax.lax.optimization_barrier((den_state, x))
+        return nnx.merge(den_def, quantize.dequantize(state)), x
+
+    return get
+
+
+def _guided_model(setting: Setting, get_net, inputs, scale):
+    model_fn = lambda x, mt, c: network_call(setting.kind, *get_net(x), mt, c)
     cond, uncond = inputs["cond"], inputs.get("uncond")
     if setting.inpaint == "concat":
         extra = inputs["concat"]
-        cond = {**cond, "concat": extra[None] if setting.composable else extra}
+        if setting.composable:  # cond leaves are (K, B, ...)
+            cond = {**cond, "concat": jnp.broadcast_to(extra, (inputs["weights"].shape[0],
+                                                               *extra.shape))}  # fmt: skip
+        else:
+            cond = {**cond, "concat": extra}
         uncond = None if uncond is None else {**uncond, "concat": extra}
     if setting.composable:
         return composable_model(model_fn, cond, uncond, inputs["weights"] * scale)
@@ -136,8 +155,7 @@ def generate(setting: Setting, graphdefs, states, inputs: dict, scale, rng):
     """One whole generation (see module docstring); returns images (B, H, W, 3) in [0, 1] or
     the final latents. graphdefs: (denoiser, vae or None); states: {"denoiser", "vae"}."""
     den_def, vae_def = graphdefs
-    den_state = states["denoiser"]
-    net = nnx.merge(den_def, quantize.dequantize(den_state) if setting.quantized else den_state)
+    get_net = _network(setting, den_def, states["denoiser"])
     vae = None if vae_def is None else nnx.merge(vae_def, states["vae"])
     ts = np.asarray(setting.ts, np.float64)  # concrete: some methods read grid values
     sched, noise = setting.schedule, inputs["noise"]
@@ -153,7 +171,7 @@ def generate(setting: Setting, graphdefs, states, inputs: dict, scale, rng):
         t0 = jnp.float32(ts[0])
         x = sched.alpha(t0) * z0 + sched.sigma(t0) * noise
     denoise = predictions.as_denoiser(
-        _guided_model(setting, net, inputs, scale), sched, setting.prediction_type
+        _guided_model(setting, get_net, inputs, scale), sched, setting.prediction_type
     )
     keep = None
     if setting.inpaint == "replace":

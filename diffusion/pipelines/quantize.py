@@ -14,6 +14,7 @@ the jitted function, so the weights cross host -> device and live in device memo
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,18 +38,23 @@ def _is_kernel(path) -> bool:
 
 
 def quantize_array(w) -> Int8Weight:
-    w = np.asarray(w, np.float32)
-    absmax = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)  # (out,)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-    return Int8Weight(jnp.asarray(q), jnp.asarray(scale))
+    w = jnp.asarray(w, jnp.float32)
+    absmax = jnp.max(jnp.abs(w.reshape(-1, w.shape[-1])), axis=0)  # (out,)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return Int8Weight(q, scale)
 
 
 def quantize_int8(state, *, min_size: int = 1024):
-    """The state with every kernel of >= min_size elements replaced by an Int8Weight."""
+    """The state with every kernel of >= min_size elements replaced by an Int8Weight (one
+    compiled program for the whole state; works on abstract states under jax.eval_shape)."""
+    return _quantize_jit(state, min_size)
 
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_jit(state, min_size):
     def leaf(path, x):
-        if _is_kernel(path) and np.ndim(x) >= 2 and np.size(x) >= min_size:
+        if _is_kernel(path) and x.ndim >= 2 and x.size >= min_size:
             return quantize_array(x)
         return x
 
