@@ -223,31 +223,19 @@ def _edit_index(path, **entries):
         json.dump(index, f)
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    return write_tiny(tmp_path_factory.mktemp("tiny"))
+def _folder(name, writer, **kw):
+    """A session fixture writing one folder (once per xdist worker)."""
+
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory):
+        return writer(tmp_path_factory.mktemp(name), **kw)
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def sd_folder(tmp_path_factory):
-    return write_sd(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="session")
-def sd_inpaint_folder(tmp_path_factory):
-    return write_sd(tmp_path_factory.mktemp("sd_inpaint"), in_channels=9)
-
-
-@pytest.fixture(scope="session")
-def sdxl_folder(tmp_path_factory):
-    return write_sdxl(tmp_path_factory.mktemp("sdxl"))
-
-
-@pytest.fixture(scope="session")
-def sd3_folder(tmp_path_factory):
-    return write_sd3(tmp_path_factory.mktemp("sd3"))
-
-
-@pytest.fixture(scope="session")
-def sd3_no_t5_folder(tmp_path_factory):
-    return write_sd3(tmp_path_factory.mktemp("sd3_no_t5"), with_t5=False)
+tiny_folder = _folder("tiny", write_tiny)
+sd_folder = _folder("sd", write_sd)
+sd_inpaint_folder = _folder("sd_inpaint", write_sd, in_channels=9)
+sdxl_folder = _folder("sdxl", write_sdxl)
+sd3_folder = _folder("sd3", write_sd3)
+sd3_no_t5_folder = _folder("sd3_no_t5", write_sd3, with_t5=False)
