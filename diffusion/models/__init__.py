@@ -28,16 +28,16 @@ from diffusion.models.presets import class_name
 
 # diffusers names the files diffusion_pytorch_model*.safetensors, transformers model*.safetensors.
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-_TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+_TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 
 
 @functools.cache
 def _registry() -> dict[str, tuple[type, type]]:
-    from diffusion.models import mmdit, text, unet, vae
+    from diffusion.models import mmdit, t5, text, unet, vae
 
     models = {}
     for cls in (unet.UNet, vae.AutoencoderKL, mmdit.SD3Transformer, text.CLIPTextModel,
-                text.CLIPTextModelWithProjection):  # fmt: skip
+                text.CLIPTextModelWithProjection, t5.T5EncoderModel):  # fmt: skip
         # Every model class names its config class and the diffusers/transformers class names
         # it reads (`diffusers_classes`, default: the one it writes, `diffusers_class`).
         for name in getattr(cls, "diffusers_classes", (cls.diffusers_class,)):
