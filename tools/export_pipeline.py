@@ -9,8 +9,8 @@ text_encoder[_2]/, tokenizer[_2]/ (the run's CLIP BPE tokenizer with model_max_l
 token length), scheduler/ (the scheduler of the run's sampler and grid). diffusers loads it with
 `<Pipeline>.from_pretrained(out)` offline (SD3: `text_encoder_3=None, tokenizer_3=None` as for
 any SD3 folder without T5; sample with `max_sequence_length=0`, the run's zero T5 tokens). EMA
-weights of the latest checkpoint (or --step). The folder is written beside `out` and renamed into place, so
-nothing is left half-written; `out` must not exist or be empty.
+weights of the latest checkpoint (or --step). The folder is written beside `out` and renamed into
+place, so nothing is left half-written; `out` must not exist or be empty.
 """
 
 from __future__ import annotations
