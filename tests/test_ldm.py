@@ -80,6 +80,9 @@ def test_eval_text2img_scores_with_the_judge(runs):
     assert 0.0 <= r["adherence"] <= 1.0 and set(r["adherence_by_group"]) == {"single", "unseen"}
     assert set(r["accuracy"]) >= {"count", "background", "shape1", "color1"}
     assert np.isfinite(r["fd_in_judge_features"])
+    f = r["flops_per_sample"]  # 3 steps of DPM-Solver++(2M), guided: 3 batch-2 network calls
+    assert f["nfe"] == 3 and f["network_call"] > 0 and f["decode"] > 0
+    assert f["total"] == f["encode"] + 3 * f["network_call"] + f["decode"]
     assert (ldm_dir / "eval_text2img.png").exists()
     assert json.loads((ldm_dir / "eval_text2img.json").read_text())["adherence"] == r["adherence"]
 
