@@ -251,9 +251,10 @@ def log_likelihood(
     tighter than score_sde's 1e-5, which is off by up to 3e-2 nats on a 16-D mixture; with them
     the error is below 2e-4 nats on the analytic mixtures of the tests (D = 2 and 16, VP, DDPM,
     flow and EDM schedules, float32) at 180-350 evaluations. An int: that many fixed 5th-order
-    steps (6 evaluations each). t_min: default the
-    schedule's. Returns NaN for examples when max_steps did not suffice. With return_nfe,
-    returns (log-likelihood, number of denoiser evaluations).
+    steps (6 evaluations each). t_min: default the schedule's. Returns NaN when max_steps
+    adaptive steps did not reach t_max. With return_nfe, returns (log-likelihood, number of
+    ODE right-hand-side evaluations; each is one denoiser call with D (exact) or one
+    (hutchinson) Jacobian-vector products).
 
     The function compiles once per (denoise_fn object, shapes, options): pass the same function
     object to reuse the program, or call it inside your own `jax.jit` with the network's

@@ -14,7 +14,7 @@ Feature extractors (each `load(path)` returns jitted functions of images):
 features.extract(fn, images, batch_size) runs any extractor in fixed-size batches (one compile).
 """
 
-from diffusion.metrics import features, inception
+from diffusion.metrics import classifier, digits_classifier, features, inception
 from diffusion.metrics.distances import (
     feature_stats,
     frechet_distance,
@@ -28,6 +28,8 @@ from diffusion.metrics.distances import (
 )
 
 __all__ = [
+    "classifier",
+    "digits_classifier",
     "feature_stats",
     "features",
     "frechet_distance",
