@@ -6,7 +6,7 @@ dropped (replaced by the empty prompt) 10% of the time for classifier-free guida
 
     python -m experiments.train --config configs/shapes_mmdit_flow.py --workdir /tmp/shapes_mmdit
 
-Produces samples_*.png (one image per entry of `sample.captions`, repeated; Euler on the flow
+Produces samples_*.png (one image per entry of `sample.prompts`, repeated; Euler on the flow
 ODE, guidance 3), metrics.jsonl, TensorBoard events, report.md and checkpoints/. The full run
 (shapes/32x32, prepared on first use in about 5 minutes) is meant for a GPU. `:runlocal` trains
 a 2-layer, width-64 MMDiT and a 1-layer CLIP for 40 steps on shapes/tiny (256 images), saves
@@ -16,8 +16,20 @@ checkpoints at steps 20 and 40 and finishes in under 2 minutes on 2 CPU cores.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-VARIANTS = ("runlocal",)
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0-3, see tasks.word_tokenizer
+from configs import common
+from diffusion.data.tokenizer import SPECIAL_WORDS
+
+# Sample-grid prompts (also used by the other shapes text configs).
+PROMPTS = (
+    "a red circle at the center on a black background",
+    "a blue square at the top left on a gray background",
+    "a yellow triangle at the bottom right on a brown background",
+    "a green diamond at the top on a black background",
+    "a white circle above a magenta square on a gray background",
+    "a cyan square to the left of a orange triangle on a black background",
+    "a orange diamond below a green circle on a brown background",
+    "a magenta triangle to the right of a blue diamond on a gray background",
+)
 
 
 def caption_words() -> list[str]:
@@ -35,7 +47,7 @@ def caption_words() -> list[str]:
 
 def clip(words, width=128, layers=2, max_length=16):
     return {
-        "vocab_size": len(SPECIAL_TOKENS) + len(words),
+        "vocab_size": len(SPECIAL_WORDS) + len(words),
         "hidden_size": width,
         "intermediate_size": 2 * width,
         "projection_dim": width,
@@ -68,9 +80,7 @@ def mmdit(text_width=128, heads=4, layers=4):
 
 
 def get_config(arg=None):
-    variants = set(filter(None, (arg or "").split(",")))
-    if variants - set(VARIANTS):
-        raise ValueError(f"unknown variants {sorted(variants - set(VARIANTS))}; valid: {VARIANTS}")
+    v = common.parse(arg, flags=("runlocal",))
     words = caption_words()
     c = ml_collections.ConfigDict()
     c.name = "shapes_mmdit_flow"
@@ -82,11 +92,15 @@ def get_config(arg=None):
         "data_dir": placeholder(str),
         "key": "image",
     }
-    c.conditioning = "text"
-    # The longest caption ("a red circle to the right of a blue square on a black background")
-    # is 14 words, + <bos> and <eos>.
-    c.tokenizer = {"vocab": " ".join(words), "max_length": 16}
-    c.text_encoder = {"class_name": "CLIPTextModelWithProjection", "config": clip(words)}
+    c.conditioning = {
+        "name": "text",
+        # The longest caption ("a red circle to the right of a blue square on a black
+        # background") is 14 words, + <bos> and <eos>.
+        "tokenizer": {"kind": "word", "vocab": " ".join(words), "max_length": 16},
+        "text_encoder": {"class_name": "CLIPTextModelWithProjection", "config": clip(words)},
+        "hidden_state": -1,
+        "pooled_as": "pooled_projections",
+    }
     c.model = {"class_name": "SD3Transformer2DModel", "config": mmdit(), "remat": False}
     c.compute_dtype = "float32"
     c.schedule = {"name": "rectified_flow", "kwargs": {"shift": 1.0}}
@@ -105,6 +119,7 @@ def get_config(arg=None):
         "grad_accum": 1,
     }
     c.ema_decay = 0.999
+    c.ema_warmup = True
     c.total_steps = 20000
     c.log_every = 100
     c.ckpt_every = 2000
@@ -115,23 +130,14 @@ def get_config(arg=None):
         "method": "euler",
         "num_steps": 30,
         "guidance_scale": 3.0,
-        "captions": [
-            "a red circle at the center on a black background",
-            "a blue square at the top left on a gray background",
-            "a yellow triangle at the bottom right on a brown background",
-            "a green diamond at the top on a black background",
-            "a white circle above a magenta square on a gray background",
-            "a cyan square to the left of a orange triangle on a black background",
-            "a orange diamond below a green circle on a brown background",
-            "a magenta triangle to the right of a blue diamond on a gray background",
-        ],
+        "prompts": list(PROMPTS),
     }
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     c.fsdp_min_size = 2**16
-    if "runlocal" in variants:
+    if v.runlocal:
         c.data.name = "shapes/tiny"
         c.data.batch_size = 16
-        c.text_encoder.config = clip(words, width=64, layers=1)
+        c.conditioning.text_encoder.config = clip(words, width=64, layers=1)
         c.model.config = mmdit(text_width=64, heads=2, layers=2)
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 5

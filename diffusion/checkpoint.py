@@ -180,6 +180,31 @@ class Checkpointer:
         path = self.step_dir(step)
         return [name for name in (COMMIT_MARKER, "state") if not (path / name).exists()]
 
+    def check_compatible(self, abstract_state) -> None:
+        """Fail naming the first mismatched array if the newest readable step was saved from
+        another structure (e.g. another model config); partial or unreadable steps are left to
+        `restore`'s fallback. Keys under params/ are compared first: they name the module."""
+        for step in reversed(self.all_steps()):
+            if self.missing_parts(step):
+                continue
+            try:
+                meta = ocp.StandardCheckpointer().metadata(self.step_dir(step) / "state")
+            except Exception:  # unreadable: restore() reports it and falls back
+                continue
+            meta = meta.item_metadata
+            have = _shapes_by_path(meta.tree if hasattr(meta, "tree") else meta)
+            want = _shapes_by_path(abstract_state)
+            for key in sorted(
+                set(want) | set(have), key=lambda k: (not k.startswith("params/"), k)
+            ):
+                if want.get(key) != have.get(key):
+                    raise ValueError(
+                        f"checkpoint step {step} in {self.directory} does not match this model "
+                        f"config: parameter {key} has shape {have.get(key, 'missing')} in the "
+                        f"checkpoint, {want.get(key, 'missing')} in the model"
+                    )
+            return
+
     def restore(
         self, step: int | None = None, abstract_state=None, shardings=None, quarantine_bad=False
     ) -> Restored:
@@ -253,3 +278,16 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+    """{'params/down_blocks/0/...': shape}, ignoring NNX's `.value` wrapper in key paths."""
+
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        keys = [name(k) for k in path if name(k) != "value"]
+        out["/".join(keys)] = tuple(x.shape)
+    return out

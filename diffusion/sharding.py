@@ -250,7 +250,7 @@ def abstract_state(init_fn: Callable[[], Any], mesh: Mesh, shardings=None, **kw)
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules=DEFAULT_RULES):
     """Mesh + logical rules for tracing model code, so activation constraints by logical
-    name (e.g. `models.adaln.constrain`) take effect; outside it they are no-ops."""
+    name (e.g. `models.partitioning.constrain`) take effect; outside it they are no-ops."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
         yield
 

@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+import ml_collections
+
 
 def _jsonable(x):
     if hasattr(x, "to_dict"):  # ml_collections.ConfigDict
@@ -47,3 +49,12 @@ def markdown_table(rows: list[dict], columns: list[str], floatfmt: str = ".3g") 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run wrote to its workdir's config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no config.json: not a workdir of a training run")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

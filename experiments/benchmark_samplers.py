@@ -43,32 +43,35 @@ def label(name: str, kw: dict) -> str:
     return name + "".join(f"[{k}={v}]" for k, v in kw.items())
 
 
-def steps_for_nfe(name: str, kw: dict, target: int) -> int | None:
-    """Largest num_steps whose exact NFE is <= target (None if even 1 step needs more)."""
+def steps_for_nfe(name: str, kw: dict, target: int, grid_fn) -> int | None:
+    """Largest num_steps whose exact NFE on grid_fn(num_steps) is <= target (None if even 1 step
+    needs more)."""
     best = None
     for n in range(1, target + 1):
-        if samplers.nfe(name, n, **kw) <= target:
+        if samplers.nfe(name, n, grid=grid_fn(n), **kw) <= target:
             best = n
     return best
 
 
 def run_one(gmm, schedule, cfg, name, kw, num_steps, x_T, rng, t_end):
+    """(samples, NFE the run reports, compile seconds, median sampling milliseconds)."""
     ts = samplers.time_grid(schedule, cfg.grid, num_steps, t_end=t_end)
     denoise = lambda x, t: gmm.denoise(x, t, schedule)
     fn = jax.jit(
         lambda x, r: samplers.sample(
-            denoise, x, schedule, method=name, num_steps=num_steps, rng=r, grid=ts, **kw
+            denoise, x, schedule, method=name, num_steps=num_steps, rng=r, grid=ts,
+            return_info=True, **kw,
         )
-    )
+    )  # fmt: skip
     t0 = time.perf_counter()
     compiled = fn.lower(x_T, rng).compile()
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(cfg.timing_repeats):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(x_T, rng))
+        out, info = jax.block_until_ready(compiled(x_T, rng))
         times.append(time.perf_counter() - t0)
-    return np.asarray(out), compile_s, 1e3 * statistics.median(times)
+    return np.asarray(out), int(info["nfe"]), compile_s, 1e3 * statistics.median(times)
 
 
 def convergence_orders(rows):
@@ -89,7 +92,7 @@ def compile_scaling(gmm, schedule, cfg, x_T, rng, t_end):
     for name in filter(None, cfg.compile_check.split(",")):
         secs = {}
         for n in (10, 200):
-            _, secs[n], _ = run_one(gmm, schedule, cfg, name, {}, n, x_T, rng, t_end)
+            _, _, secs[n], _ = run_one(gmm, schedule, cfg, name, {}, n, x_T, rng, t_end)
         rows.append(
             {
                 "method": name,
@@ -140,6 +143,24 @@ def plot_samples(gmm, exact, samples: dict, path):
     plt.close(fig)
 
 
+def sweep(cfg) -> list[tuple[str, dict, int | None]]:
+    """(method, options, NFE target) jobs: every method at every NFE in cfg.nfes; adaptive methods
+    choose their steps, so one run per (rtol, atol) in cfg.tolerances, target None."""
+    jobs = [(m, kw, nfe) for m, kw in parse_methods(cfg.methods) for nfe in cfg.nfes]
+    adaptive = parse_methods(cfg.adaptive)
+    return jobs + [
+        (m, kw | dict(rtol=r, atol=a), None) for m, kw in adaptive for r, a in cfg.tolerances
+    ]
+
+
+def distribution_metrics(gmm, out, exact, swd_rng) -> dict:
+    """Sliced W2 to exact samples and mean exact log-likelihood of the samples."""
+    return {
+        "swd": float(metrics.sliced_wasserstein(jnp.asarray(out), exact, swd_rng)),
+        "loglik": float(jnp.mean(gmm.log_prob(jnp.asarray(out)))),
+    }
+
+
 def benchmark(cfg, workdir: str) -> dict:
     wd = Workdir(workdir, cfg)
     jax.config.update("jax_enable_x64", bool(cfg.x64))
@@ -148,14 +169,9 @@ def benchmark(cfg, workdir: str) -> dict:
         cfg.schedule, **({"shift": cfg.shift} if cfg.schedule == "rectified_flow" else {})
     )
     t_end = schedule.t_min if cfg.t_end == "t_min" else float(cfg.t_end)
-    methods = parse_methods(cfg.methods)
     rng = jax.random.key(cfg.seed)
-    x_T = samplers.prior(
-        schedule,
-        jax.random.fold_in(rng, 1),
-        (cfg.num_samples, *gmm.event_shape),
-        jnp.result_type(float),
-    )
+    shape = (cfg.num_samples, *gmm.event_shape)
+    x_T = samplers.prior(schedule, jax.random.fold_in(rng, 1), shape, jnp.result_type(float))
     if gmm.means.shape[0] == 1:
         reference = np.asarray(gmm.ode_map(x_T, schedule.t_max, t_end, schedule))
     else:
@@ -168,23 +184,24 @@ def benchmark(cfg, workdir: str) -> dict:
         )
     )
     rows, scatter = [], {}
-    jobs = [(m, kw, nfe) for m, kw in methods for nfe in cfg.nfes]
-    for name, kw, target in tqdm(jobs, desc="benchmark", unit="run"):
-        num_steps = steps_for_nfe(name, kw, target)
+    grid_fn = lambda n: samplers.time_grid(schedule, cfg.grid, n, t_end=t_end)
+    for name, kw, target in tqdm(sweep(cfg), desc="benchmark", unit="run"):
+        num_steps = 1 if target is None else steps_for_nfe(name, kw, target, grid_fn)
         if num_steps is None:
             continue
-        out, compile_s, ms = run_one(
+        out, nfe, compile_s, ms = run_one(
             gmm, schedule, cfg, name, kw, num_steps, x_T, jax.random.fold_in(rng, 5), t_end
         )
+        tol = {k: kw[k] for k in ("rtol", "atol") if target is None}
         row = {
-            "method": label(name, kw),
+            "method": label(name, {k: v for k, v in kw.items() if k not in tol}),
             "nfe_target": target,
+            **tol,
             "num_steps": num_steps,
-            "nfe": samplers.nfe(name, num_steps, **kw),
+            "nfe": nfe,
             "stochastic": samplers.get(name).stochastic,
             "rms_error": float(np.sqrt(np.mean((out - reference) ** 2))),
-            "swd": float(metrics.sliced_wasserstein(jnp.asarray(out), exact, swd_rng)),
-            "loglik": float(jnp.mean(gmm.log_prob(jnp.asarray(out)))),
+            **distribution_metrics(gmm, out, exact, swd_rng),
             "compile_s": compile_s,
             "sample_ms": ms,
         }
@@ -212,7 +229,8 @@ def benchmark(cfg, workdir: str) -> dict:
 
 
 def write_report(wd: Workdir, cfg, s: dict) -> str:
-    cols = ["method", "nfe", "num_steps", "rms_error", "swd", "loglik", "compile_s", "sample_ms"]
+    cols = ["method", "nfe", "num_steps", "rtol", "rms_error", "swd", "loglik", "compile_s"]
+    cols += ["sample_ms"]
     order_rows = [{"method": k, "order": v} for k, v in s["orders"].items()]
     text = "\n\n".join(
         [

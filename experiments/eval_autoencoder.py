@@ -23,8 +23,10 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from diffusion import data, train
-from diffusion.workdir import Workdir, markdown_table
+from diffusion import data, tasks
+from diffusion import images as image_grids
+from diffusion.train_state import restore_ema
+from diffusion.workdir import Workdir, markdown_table, read_config
 
 
 def load_images(name: str, split: str, num_images: int, data_dir=None) -> np.ndarray:
@@ -65,11 +67,11 @@ def latent_stats(z: np.ndarray) -> dict:
 
 def evaluate(workdir: str, split: str = "test", num_images: int = 1024, data_dir=None) -> dict:
     """Runs the evaluation described in the module docstring; returns the JSON record."""
-    cfg = train.read_config(workdir)
+    cfg = read_config(workdir)
     if cfg.task != "autoencoder":
         raise ValueError(f"{workdir} is not an autoencoder run (task={cfg.task!r})")
     images = load_images(cfg.data.name, split, num_images, data_dir or cfg.data.get("data_dir"))
-    model, step = train.restore_ema(cfg, workdir)
+    model, step = restore_ema(cfg, tasks.from_config(cfg), workdir)
     recon, z, kl = reconstruct(model, images)
     mse = float(np.mean((recon - images) ** 2))
     result = {
@@ -83,9 +85,10 @@ def evaluate(workdir: str, split: str = "test", num_images: int = 1024, data_dir
         "kl_per_latent_element": float(np.mean(kl) / np.prod(z.shape[1:])),
         **latent_stats(z),
     }
-    n = min(len(images), 2 * train.GRID_COLUMNS)
-    grid = train.paired_rows(jnp.asarray(images[:n]), jnp.asarray(recon[:n]), train.GRID_COLUMNS)
-    train.save_grid(grid, os.path.join(workdir, "eval_autoencoder.png"), train.GRID_COLUMNS)
+    ncol = image_grids.GRID_COLUMNS
+    n = min(len(images), 2 * ncol)
+    grid = image_grids.paired_rows(jnp.asarray(images[:n]), jnp.asarray(recon[:n]), ncol)
+    image_grids.save_grid(grid, os.path.join(workdir, "eval_autoencoder.png"), ncol)
     with open(os.path.join(workdir, "eval_autoencoder.json"), "w") as f:
         json.dump(result, f, indent=2)
     Workdir(workdir).log(event="eval_autoencoder", **result)

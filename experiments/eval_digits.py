@@ -24,8 +24,9 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from diffusion import data, tasks, train
-from diffusion.workdir import Workdir, markdown_table
+from diffusion import data, images, tasks
+from diffusion.train_state import restore_ema
+from diffusion.workdir import Workdir, markdown_table, read_config
 
 
 def real_digits(name: str, split: str, data_dir=None) -> tuple[np.ndarray, np.ndarray]:
@@ -46,19 +47,17 @@ def fit_classifier(name: str, data_dir=None):
     return clf, float(np.mean(clf.predict(x_test) == y_test))
 
 
-def sample_classes(cfg, model, num_per_class: int, seed: int, guidance_scale=None) -> np.ndarray:
-    """(num_classes, num_per_class, H, W, C) samples in [-1, 1], one compiled call per class,
-    with the run's sampler and guidance scale (or the given one)."""
-    task = tasks.Task.from_config(cfg)
-    sc = cfg.sample
-    scale = sc.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
-    s = cfg.model.config.sample_size
-    shape = (num_per_class, s, s, cfg.model.config.in_channels)
+def sample_classes(task, model, shape, seed: int, guidance_scale=None) -> np.ndarray:
+    """(num_classes, *shape) samples in [-1, 1] (shape = (num_per_class, H, W, C)), one compiled
+    call per class, with the run's sampler and guidance scale (or the given one)."""
+    sc = task.sampling
+    scale = sc.guidance_scale if guidance_scale is None else guidance_scale
+    num_per_class = shape[0]
     graphdef, params = nnx.split(model)
 
     @jax.jit
     def fn(params, label, rng):
-        cond = {"label": jnp.full((num_per_class,), label, jnp.int32)}
+        cond = {"class_labels": jnp.full((num_per_class,), label, jnp.int32)}
         return task.sample(
             nnx.merge(graphdef, params),
             rng,
@@ -70,7 +69,8 @@ def sample_classes(cfg, model, num_per_class: int, seed: int, guidance_scale=Non
         )
 
     key = jax.random.key(seed)
-    out = [fn(params, c, jax.random.fold_in(key, c)) for c in range(cfg.num_classes)]
+    num_classes = task.conditioning.num_classes
+    out = [fn(params, c, jax.random.fold_in(key, c)) for c in range(num_classes)]
     return np.clip(np.stack([np.asarray(o) for o in out]), -1.0, 1.0)
 
 
@@ -79,28 +79,32 @@ def evaluate(
 ) -> dict:
     """Runs the evaluation described in the module docstring; returns the JSON record.
     guidance_scale overrides the run's (1.0: the conditional model without guidance)."""
-    cfg = train.read_config(workdir)
-    if cfg.get("conditioning") != "class" or not cfg.data.name.startswith("digits"):
+    cfg = read_config(workdir)
+    kind = (cfg.get("conditioning") or {}).get("name")
+    if cfg.task != "diffusion" or kind != "class" or not cfg.data.name.startswith("digits"):
         raise ValueError(
             f"{workdir} is not a class-conditional digits run "
-            f"(conditioning={cfg.get('conditioning')!r}, data={cfg.data.name!r})"
+            f"(conditioning={kind!r}, data={cfg.data.name!r})"
         )
+    task = tasks.from_config(cfg)
     data_dir = data_dir or cfg.data.get("data_dir")
     clf, real_acc = fit_classifier(cfg.data.name, data_dir)
-    model, step = train.restore_ema(cfg, workdir)
+    model, step = restore_ema(cfg, task, workdir)
     stem = "eval_digits" if guidance_scale is None else f"eval_digits_g{guidance_scale:g}"
-    images = sample_classes(cfg, model, num_per_class, seed, guidance_scale)  # (K, N, H, W, C)
-    k, n = images.shape[:2]
-    pred = clf.predict(images.reshape(k * n, -1)).reshape(k, n)
+    m = cfg.model.config
+    shape = (num_per_class, m.sample_size, m.sample_size, m.in_channels)
+    samples = sample_classes(task, model, shape, seed, guidance_scale)  # (K, N, H, W, C)
+    k, n = samples.shape[:2]
+    pred = clf.predict(samples.reshape(k * n, -1)).reshape(k, n)
     per_class = (pred == np.arange(k)[:, None]).mean(axis=1)
     confusion = np.stack([np.bincount(p, minlength=k) for p in pred])  # (true, predicted)
-    train.save_grid(
-        jnp.asarray(images[:, : min(n, 16)].reshape(-1, *images.shape[2:])),
+    images.save_grid(
+        jnp.asarray(samples[:, : min(n, 16)].reshape(-1, *samples.shape[2:])),
         os.path.join(workdir, f"{stem}.png"),
         ncol=min(n, 16),
     )
-    sc = cfg.sample
-    scale = sc.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+    sc = task.sampling
+    scale = sc.guidance_scale if guidance_scale is None else guidance_scale
     result = {
         "checkpoint_step": int(step),
         "num_per_class": n,

@@ -23,8 +23,6 @@ from diffusion.models import convert
 from diffusion.models.presets import class_name, get_preset
 
 F32 = jnp.float32
-# Our config field names for the JAX-only options (remat, attention implementation).
-_ATTN_FIELD = {"SD3Transformer2DModel": "attention_impl"}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -102,8 +100,7 @@ def arch_dict(entry) -> dict:
 
 def _our_config(d: dict, variant: Variant):
     cls, config_cls = models.get_model(class_name(d))
-    attn_field = _ATTN_FIELD.get(class_name(d), "attn_implementation")
-    return cls, config_cls.from_diffusers(d, remat=variant.remat, **{attn_field: variant.attn})
+    return cls, config_cls.from_diffusers(d, remat=variant.remat, attn_implementation=variant.attn)
 
 
 def build_pair(d: dict, device: str, seed: int = 0):

@@ -21,8 +21,7 @@ from _reference import Counter, TanhNet
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 
 from diffusion import analytic, predictions, samplers, schedules
-from diffusion.samplers.dpm_solver import singlestep_nfe
-from diffusion.samplers.dpm_solver_single import fast_orders
+from diffusion.samplers.dpm_singlestep import fast_orders, singlestep_nfe
 from diffusion.samplers.grids import time_grid
 
 B, D, N_TRAIN = 3, 4, 1000
@@ -30,11 +29,11 @@ NET = TanhNet(B, D)
 model_torch, model_jax, X_T = NET.torch, NET.jax, NET.x_T
 
 
-def diffusers_run(scheduler, num_steps, flow=False, noises=None):
-    """Run a diffusers scheduler; returns (final sample, our grid ts, number of model calls)."""
+def diffusers_run(scheduler, num_steps, flow=False, noises=None, x_T=X_T):
+    """Run a diffusers scheduler from x_T; returns (final sample, our grid ts)."""
     scheduler.set_timesteps(num_steps)
     sig = scheduler.sigmas.double().numpy()
-    x = torch.from_numpy(X_T)
+    x = torch.from_numpy(x_T)
     for i, k in enumerate(scheduler.timesteps):
         # flow: diffusers casts timesteps to int; feed the model the exact N * sigma.
         out = model_torch(x, sig[i] * N_TRAIN if flow else k)
@@ -151,6 +150,43 @@ def test_paper_singlestep_equals_grid_mode_on_expanded_grid(x64, order, solver_t
         solver_type=solver_type, intermediate="grid", lower_order_final=False,
     )  # fmt: skip
     assert rel_err(paper, grid) < 1e-10
+
+
+def test_authors_s2_convention_in_grid_mode(x64):
+    """s2_update: Lu's code reaches an order-3 step's second point with the Taylor update whatever
+    the solver type ("taylor"), diffusers' grid mode with solver_type. With intermediate="grid" on
+    the grid with the paper's points inserted, s2_update="taylor" reproduces the paper mode for
+    solver_type="midpoint" (which the default grid mode does not), and vice versa."""
+    schedule = schedules.get("linear")
+    ts = np.asarray(time_grid(schedule, "logsnr", 2, t_end=schedule.t_min))
+    lam = np.asarray(schedule.logsnr(jnp.asarray(ts)))
+    fine = [ts[0]]
+    for i in range(2):
+        h = lam[i + 1] - lam[i]
+        fine += [float(schedule.t_from_logsnr(lam[i] + r * h)) for r in (1 / 3, 2 / 3)] + [
+            ts[i + 1]
+        ]
+    den = predictions.as_denoiser(model_jax, schedule, "epsilon")
+    x = jnp.asarray(X_T)
+
+    def run(grid, **opts):
+        fn = lambda x: samplers.get("dpm_solver").run(den, x, schedule, jnp.asarray(grid), **opts)
+        return np.asarray(jax.jit(fn)(x))
+
+    grid_kw = dict(intermediate="grid", lower_order_final=False)
+    paper, diffusers_grid = run(ts, order=3), run(fine, order=3, **grid_kw)
+    assert rel_err(paper, run(fine, order=3, s2_update="taylor", **grid_kw)) < 1e-10
+    assert rel_err(paper, diffusers_grid) > 1e-6  # the conventions differ
+    assert rel_err(run(ts, order=3, s2_update="solver_type"), diffusers_grid) < 1e-10
+
+
+def test_dpmpp_fast_option(x64):
+    """dpm_solver_fast(algorithm_type="dpmsolver++"), the authors' DPM-Solver++ variant: at NFE 24
+    far more accurate than DDIM, and not the noise-prediction result."""
+    fast_pp = gaussian_error("dpm_solver_fast", 24, algorithm_type="dpmsolver++")
+    ddim = gaussian_error("dpm_solver", 24, order=1)
+    assert fast_pp < 0.1 * ddim, (fast_pp, ddim)
+    assert abs(fast_pp - gaussian_error("dpm_solver_fast", 24)) > 1e-3 * fast_pp
 
 
 # --------------------------------------------------------------------------- exact Gaussian

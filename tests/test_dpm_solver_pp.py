@@ -72,6 +72,20 @@ PARITY = [
         dict(solver_type="heun"),
         8,
     ),
+    # k-diffusion's dpmpp_2m_sde rules (no lower_order_final) at eta = 1 are diffusers' SDE 2M.
+    ("sde", dict(solver_order=2, lower_order_final=False), "dpmpp_2m_sde", {}, 10),
+    (
+        "sde",
+        dict(
+            solver_order=2,
+            solver_type="heun",
+            lower_order_final=False,
+            prediction_type="v_prediction",
+        ),
+        "dpmpp_2m_sde",
+        dict(solver_type="heun"),
+        8,
+    ),
     ("single", dict(solver_order=3), "dpmpp_singlestep", dict(order=3), 9),
     (
         "single",
@@ -103,6 +117,7 @@ def test_parity_diffusers(x64, kind, cfg, method, opts, n):
         schedule = schedules.from_diffusers_config(dict(sched.config))
     counter = Counter()
     out = ours(method, schedule, pred, ts, noises=noises, counter=counter, **opts)
+    print(f"diffusers {kind} {cfg} {method} {opts}: max rel err {rel_err(out, ref):.1e}")
     assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
     assert counter.n == n == samplers.nfe(method, n, **opts)
 
@@ -113,7 +128,7 @@ CONVERGENCE = [
     ("dpmpp_2s", {}, (20, 40, 80), 2),
     ("dpmpp_singlestep", dict(order=3), (40, 80, 160), 3),
     ("dpmpp_2m", dict(lower_order_final=False), (40, 80, 160), 2),
-    # diffusers' (= Lu's code's) 3M halves the h^3 term: globally second order (dpm_solver_multi).
+    # diffusers' (= Lu's code's) 3M halves the h^3 term: globally second order (dpm_multistep).
     ("dpmpp_3m", dict(lower_order_final=False), (40, 80, 160), 2),
 ]
 
@@ -178,3 +193,29 @@ def test_sde_noise_from_rng(x64):
     b = np.asarray(run(x, None, noises))
     assert rel_err(a, b) < 1e-12
     assert rel_err(a, c) > 1e-3
+
+
+# --------------------------------------------------------------------------- thresholding
+
+
+@pytest.mark.parametrize("method,order", [("dpmpp_2m", 2), ("dpmpp_3m", 3)])
+def test_thresholding_matches_diffusers_and_stays_in_range(x64, method, order):
+    """Dynamic thresholding (Saharia et al. 2022) on TanhNet, whose x0_hat = (x - sigma eps) /
+    alpha overshoots [-1, 1] at high noise: equal to diffusers' thresholded DPMSolverMultistep,
+    the samples lie in [-1, 1], and without thresholding they do not (so the check can fail)."""
+    cfg = dict(solver_order=order, thresholding=True, sample_max_value=1.5)
+    sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **cfg)
+    x_T = np.random.RandomState(4).randn(3, 2, 4)  # diffusers thresholds (B, C, ...) samples
+    ref, ts = diffusers_run(sched, 10, x_T=x_T)
+    schedule = schedules.from_diffusers_config(dict(sched.config))
+    den = predictions.as_denoiser(model_jax, schedule, "epsilon")
+
+    def run(**kw):
+        fn = lambda x: samplers.sample(den, x, schedule, method=method, num_steps=10, grid=ts, **kw)
+        return np.asarray(jax.jit(fn)(jnp.asarray(x_T)))
+
+    out = run(thresholding=True, sample_max_value=1.5)
+    print(f"diffusers thresholded {method}: max rel err {rel_err(out, ref):.1e}")
+    assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
+    assert np.abs(out).max() <= 1.0 + 1e-12
+    assert np.abs(run()).max() > 1.2

@@ -10,7 +10,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
 from diffusion import samplers, schedules
 from diffusion.samplers import GRIDS, SAMPLERS
@@ -65,16 +65,21 @@ def test_nfe_matches_counted_calls(name):
                 return _marked_denoiser(x, t)
 
             outs.append(
-                samplers.sample(denoise, x, SCHEDULE, method=name, num_steps=n, rng=rng, **opts)
-            )
+                samplers.sample(
+                    denoise, x, SCHEDULE, method=name, num_steps=n, rng=rng, return_info=True,
+                    **opts,
+                )
+            )  # fmt: skip
         return outs
 
     compiled = jax.jit(program).lower(X, jax.random.key(0)).compile(FAST_COMPILE)
     outs = jax.block_until_ready(compiled(X, jax.random.key(0)))
     for k, (opts, n) in enumerate(runs):
-        assert np.isfinite(np.asarray(outs[k])).all(), (opts, n)
-        expected = samplers.nfe(name, n, **opts)
-        assert counts[k] == expected, (
+        out, info = outs[k]
+        assert np.isfinite(np.asarray(out)).all(), (opts, n)
+        # dpm_adaptive chooses its steps: only the NFE it reports can be checked.
+        expected = int(info["nfe"]) if SAMPLERS[name].adaptive else samplers.nfe(name, n, **opts)
+        assert counts[k] == expected == int(info["nfe"]), (
             f"{name} {opts} num_steps={n}: {counts[k]} calls, nfe says {expected}"
         )
 
@@ -99,9 +104,10 @@ def test_program_size_independent_of_num_steps(name, opts):
     """The traced program for 10 and 200 steps has the same denoiser call sites and size: the loop
     is a lax.scan, not unrolled Python (compile time must not grow with num_steps)."""
     stats = []
+    grid = "linspace" if SAMPLERS[name].default_grid == "lcm" else None  # lcm: n <= 50
     for n in (10, 200):
         fn = lambda x, rng, n=n: samplers.sample(
-            _marked_denoiser, x, SCHEDULE, method=name, num_steps=n, rng=rng, **opts
+            _marked_denoiser, x, SCHEDULE, method=name, num_steps=n, rng=rng, grid=grid, **opts
         )
         stats.append(_jaxpr_stats(jax.make_jaxpr(fn)(X, jax.random.key(0)).jaxpr))
     (e10, c10), (e200, c200) = stats
@@ -183,7 +189,7 @@ GRID_SCHEDULES = {
     "rectified_flow": schedules.get("rectified_flow", shift=3.0),
     "edm": schedules.get("edm"),
 }
-DISCRETE_ONLY = ("leading", "trailing")
+DISCRETE_ONLY = ("linspace_multistep", "leading", "trailing", "lcm")
 
 
 GRID_CASES = [(grid, sched_name) for grid in GRIDS for sched_name in sorted(GRID_SCHEDULES)]
@@ -209,9 +215,11 @@ def test_grid_shape_order_and_endpoints(grid, sched_name):
         assert ts.shape == (n + 1,)
         assert np.all(np.diff(ts) < 0), ts
         assert ts[-1] == 0.0
-        # diffusers' "leading" starts below t_max by construction, and its 1-step "linspace" is
-        # timestep 0 (np.linspace(0, N - 1, 1)); test_diffusers_spacings checks both.
-        if grid != "leading" and not (grid == "linspace" and discrete and n == 1):
+        # diffusers' "leading" and multistep "linspace" start below t_max by construction, and
+        # its 1-step "linspace" is timestep 0 (np.linspace(0, N - 1, 1)); test_diffusers_spacings
+        # checks them.
+        below = ("leading", "linspace_multistep")
+        if grid not in below and not (grid == "linspace" and discrete and n == 1):
             np.testing.assert_allclose(ts[0], _t_start(schedule, grid), rtol=1e-6)
         assert ts[0] <= schedule.t_max * (1 + 1e-6)
     if grid not in DISCRETE_ONLY and not (grid == "linspace" and discrete):
@@ -236,3 +244,41 @@ def test_diffusers_spacings(spacing, num_steps, steps_offset):
         expected = np.asarray(SCHEDULE.t_from_timestep(jnp.asarray(k)))
     np.testing.assert_allclose(np.asarray(ts[:-1]), expected, rtol=1e-12, atol=1e-12)
     assert float(ts[-1]) == 0.0
+
+
+@pytest.mark.parametrize("num_steps", [1, 7, 10])
+def test_multistep_and_lcm_spacings(num_steps):
+    """ "linspace_multistep" is DPMSolverMultistepScheduler's (and UniPC's, DEIS's) "linspace";
+    "lcm" is LCMScheduler's timesteps (original_inference_steps 50 and 20)."""
+    refs = [(DPMSolverMultistepScheduler(), "linspace_multistep", {})]
+    refs += [(LCMScheduler(original_inference_steps=o), "lcm", {"original_inference_steps": o})
+             for o in (50, 20)]  # fmt: skip
+    for ref, name, kw in refs:
+        ref.set_timesteps(num_steps)
+        k = ref.timesteps.numpy().astype(np.float64)
+        with jax.enable_x64(True):
+            ts = samplers.time_grid(SCHEDULE, name, num_steps, **kw)
+            expected = np.asarray(SCHEDULE.t_from_timestep(jnp.asarray(k)))
+        np.testing.assert_allclose(np.asarray(ts[:-1]), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_input_of_new_methods():
+    """LCM without a consistency model's schedule settings, thresholding on a sampler that does
+    not predict data, adaptive tolerances <= 0: errors that say what to do."""
+    flow = schedules.get("rectified_flow")
+    with pytest.raises(ValueError, match="lcm needs a consistency model's discrete"):
+        samplers.sample(_marked_denoiser, X, flow, method="lcm", num_steps=2, grid="uniform_t",
+                        rng=jax.random.key(0))  # fmt: skip
+    with pytest.raises(ValueError, match="grid 'lcm' needs a discrete"):
+        samplers.time_grid(flow, "lcm", 4)
+    with pytest.raises(ValueError, match="num_steps <= original_inference_steps"):
+        samplers.time_grid(SCHEDULE, "lcm", 8, original_inference_steps=4)
+    for name in ("euler", "dpm_solver", "pndm"):
+        with pytest.raises(ValueError, match=f"{name} does not predict data.*dpmpp_2m"):
+            _sample(method=name, thresholding=True)
+    assert SAMPLERS["dpmpp_2m"].data_prediction and not SAMPLERS["ddim"].data_prediction
+    for bad in (dict(rtol=0.0), dict(atol=-1e-3)):
+        with pytest.raises(ValueError, match="rtol, atol and h_init must be > 0"):
+            _sample(method="dpm_adaptive", **bad)
+    with pytest.raises(ValueError, match="return_info=True"):
+        samplers.nfe("dpm_adaptive", 5)

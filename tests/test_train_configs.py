@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import shapes_mmdit_flow, shapes_vae
-from diffusion import data, tasks, train
+from configs import shapes_mmdit_flow, shapes_unet_text, shapes_vae
+from diffusion import data, images, tasks, train
+from diffusion.train_state import restore_ema
+from diffusion.workdir import read_config
 
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1, "num_devices": 1}
 STEPS = 12  # shorter than runlocal's 40 to keep the file fast; still two checkpoints
@@ -52,7 +54,7 @@ def test_shapes_vae_runlocal(tmp_path, data_dir):
     assert all(r["kl"] >= 0 and r["l1"] > 0 for r in records if "kl" in r)
     # 8 images: one row of originals above one row of reconstructions, square cells.
     width, height = Image.open(tmp_path / f"samples_{STEPS:06d}.png").size
-    cell = (width - 2) // train.GRID_COLUMNS
+    cell = (width - 2) // images.GRID_COLUMNS
     assert height == 2 * cell + 2, (width, height)
 
 
@@ -68,7 +70,8 @@ def _check_eval_autoencoder(workdir, data_dir):
     r = eval_autoencoder.evaluate(str(workdir), "test", num_images=16, data_dir=str(data_dir))
     assert r["checkpoint_step"] == STEPS and r["num_images"] == 16
     assert (workdir / "eval_autoencoder.png").exists()
-    model, _ = train.restore_ema(train.read_config(str(workdir)), str(workdir))
+    cfg = read_config(str(workdir))
+    model, _ = restore_ema(cfg, tasks.from_config(cfg), str(workdir))
     models.save_diffusers(model, str(workdir / "ema_diffusers"))
     ref = AutoencoderKL.from_pretrained(str(workdir / "ema_diffusers")).eval()
     x = eval_autoencoder.load_images("shapes/tiny", "test", 16, str(data_dir))  # (N, H, W, C)
@@ -100,7 +103,7 @@ def test_latent_stats_of_known_gaussian():
 def test_paired_rows_interleaves_originals_and_reconstructions():
     o = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1) + 1  # originals 1, 2, 3
     r = -o  # reconstructions -1, -2, -3
-    got = np.asarray(train.paired_rows(o, r, ncol=2)).ravel()
+    got = np.asarray(images.paired_rows(o, r, ncol=2)).ravel()
     np.testing.assert_array_equal(got, [1, 2, -1, -2, 3, 0, -3, 0])
 
 
@@ -110,24 +113,35 @@ def test_shapes_mmdit_flow_runlocal(tmp_path, data_dir):
     _check_run(tmp_path, summary)
 
 
+def test_shapes_unet_text_runlocal(tmp_path, data_dir):
+    """An SD1-style text-conditioned U-Net trains from its config alone, and learns (the loss
+    falls: _check_run)."""
+    cfg = _short(shapes_unet_text.get_config("runlocal"), data_dir)
+    summary = train.train(cfg, str(tmp_path))
+    _check_run(tmp_path, summary)
+
+
 def test_shapes_vocabulary_covers_captions(data_dir):
     cfg = shapes_mmdit_flow.get_config("runlocal")
-    task = tasks.Task.from_config(cfg)
+    task = tasks.from_config(cfg)
+    text = cfg.conditioning
     loader = data.make_pipeline("shapes/tiny", "train", batch_size=256, seed=0, data_dir=data_dir)
     captions = [str(c) for c in next(iter(loader))["caption"]]
-    tokens = task.tokenize(captions)  # (B, L)
-    assert not np.any(tokens == 1), "a caption word is missing from cfg.tokenizer.vocab (<unk>)"
+    tokens = task.conditioning.tokenizer(captions)  # (B, L)
+    assert not np.any(tokens == 1), (
+        "a caption word is missing from conditioning.tokenizer.vocab (<unk>)"
+    )
     # Every caption keeps its <eos> (not truncated) and the longest one fills max_length.
     assert np.all(np.sum(tokens == 3, axis=1) == 1)
-    assert np.all(tokens < cfg.text_encoder.config.vocab_size)
-    assert tokens.shape[1] == cfg.tokenizer.max_length
-    assert cfg.text_encoder.config.max_position_embeddings >= cfg.tokenizer.max_length
+    assert np.all(tokens < text.text_encoder.config.vocab_size)
+    assert tokens.shape[1] == text.tokenizer.max_length
+    assert text.text_encoder.config.max_position_embeddings >= text.tokenizer.max_length
 
 
 @pytest.mark.parametrize("variant", ["", "runlocal"])
 def test_shapes_mmdit_dimensions_match_text_encoder(variant):
     cfg = shapes_mmdit_flow.get_config(variant)
-    clip, dit = cfg.text_encoder.config, cfg.model.config
+    clip, dit = cfg.conditioning.text_encoder.config, cfg.model.config
     assert dit.joint_attention_dim == clip.hidden_size
     assert dit.pooled_projection_dim == clip.projection_dim
     assert (clip.bos_token_id, clip.eos_token_id, clip.pad_token_id) == (2, 3, 0)

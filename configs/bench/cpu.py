@@ -14,6 +14,8 @@ Variant `runlocal`: tiny sizes, few repeats, results JSON in the workdir (tests,
 
 import ml_collections
 
+from configs import common
+
 # torch.compile (inductor, forward only) on this 2-core machine: a 2-layer 64-wide MLP compiled in
 # 11 s when idle and 204 s at load ~13, so it is on here with a per-model budget; a model over
 # the budget is reported as such and compared eagerly only.
@@ -75,10 +77,8 @@ def _vae(runlocal):
 
 
 def get_config(arg=None):
-    variants = set(filter(None, (arg or "").split(",")))
-    if variants - {"runlocal"}:
-        raise ValueError(f"unknown variants {sorted(variants - {'runlocal'})}; valid: runlocal")
-    runlocal = "runlocal" in variants
+    v = common.parse(arg, flags=("runlocal",))
+    runlocal = v.runlocal
     c = ml_collections.ConfigDict()
     c.require_gpu = False
     c.variants = "fp32"  # ours: comma list of fp32 / bf16 [_remat] [_xla / _cudnn]

@@ -13,14 +13,13 @@ Without a GPU it prints a message and exits.
 Variant `runlocal`: one small model per family (a smoke run of the GPU code path).
 """
 
+from configs import common
 from configs.bench import cpu
 
 
 def get_config(arg=None):
-    variants = set(filter(None, (arg or "").split(",")))
-    if variants - {"runlocal"}:
-        raise ValueError(f"unknown variants {sorted(variants - {'runlocal'})}; valid: runlocal")
-    c = cpu.get_config("runlocal" if "runlocal" in variants else None)
+    v = common.parse(arg, flags=("runlocal",))
+    c = cpu.get_config("runlocal" if v.runlocal else None)
     c.require_gpu = True
     c.variants = "fp32,bf16,bf16_remat,bf16_cudnn"
     c.torch_threads = 0
@@ -29,7 +28,7 @@ def get_config(arg=None):
     c.torch_compile_budget_s = 600
     c.peak_n = 8192
     c.repeats = 10
-    if "runlocal" in variants:
+    if v.runlocal:
         return c
     c.unet = dict(preset="sd15-unet", arch={}, batch=8, sizes=(64,), text_len=77)
     c.mmdit = dict(preset="sd3-medium", arch={}, batch=8, sizes=(32, 64), text_len=333)

@@ -12,6 +12,7 @@ transformers folder (config.json + safetensors, single file or sharded) into our
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -27,24 +28,20 @@ from diffusion.models.presets import class_name
 
 # diffusers names the files diffusion_pytorch_model*.safetensors, transformers model*.safetensors.
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-_TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+_TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 
 
 @functools.cache
 def _registry() -> dict[str, tuple[type, type]]:
-    from diffusion.models import mmdit, text, unet, vae
+    from diffusion.models import mmdit, t5, text, unet, vae
 
-    entries = [
-        (unet.UNet, unet.UNetConfig),
-        (vae.AutoencoderKL, vae.VAEConfig),
-        (mmdit.SD3Transformer, mmdit.MMDiTConfig),
-        (text.CLIPTextModel, text.CLIPTextConfig),
-        (text.CLIPTextModelWithProjection, text.CLIPTextConfig),
-    ]
     models = {}
-    for cls, config_cls in entries:
-        for name in getattr(cls, "diffusers_classes", None) or (cls.diffusers_class,):
-            models[name] = (cls, config_cls)
+    for cls in (unet.UNet, vae.AutoencoderKL, mmdit.SD3Transformer, text.CLIPTextModel,
+                text.CLIPTextModelWithProjection, t5.T5EncoderModel):  # fmt: skip
+        # Every model class names its config class and the diffusers/transformers class names
+        # it reads (`diffusers_classes`, default: the one it writes, `diffusers_class`).
+        for name in getattr(cls, "diffusers_classes", (cls.diffusers_class,)):
+            models[name] = (cls, cls.config_class)
     return models
 
 
@@ -62,6 +59,32 @@ def get_model(name: str) -> tuple[type, type]:
             f"unknown model class {name!r}; known classes: {', '.join(sorted(models))}"
         )
     return models[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model to build: its registry class name, typed config and compute dtype (fp32 params).
+
+    `ModelSpec.from_config({"class_name": ..., "config": {diffusers config.json fields},
+    "remat": bool}, dtype)` reads a run config's model section once; `spec.build(rngs)`.
+    """
+
+    class_name: str
+    config: Any
+    dtype: Any = jnp.float32
+
+    @classmethod
+    def from_config(cls, section, dtype="float32") -> ModelSpec:
+        _, config_cls = get_model(section["class_name"])
+        d = {"_class_name": section["class_name"], **dict(section.get("config", {}))}
+        config = config_cls.from_diffusers(d)
+        if section.get("remat") and hasattr(config, "remat"):
+            config = dataclasses.replace(config, remat=True)
+        return cls(section["class_name"], config, jnp.dtype(dtype))
+
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        module_cls, _ = get_model(self.class_name)
+        return module_cls(self.config, rngs=rngs, dtype=self.dtype, param_dtype=jnp.float32)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -228,6 +251,7 @@ def save_diffusers(model: nnx.Module, path: str, *, max_shard_size: int | str = 
 
 __all__ = [
     "MODELS",
+    "ModelSpec",
     "get_model",
     "load_diffusers",
     "save_diffusers",

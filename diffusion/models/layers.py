@@ -69,6 +69,20 @@ def group_norm(c, groups, eps, *, rngs, dtype, param_dtype):
     )
 
 
+def layer_norm(dim, eps, *, rngs, affine=False, bias=True, dtype, param_dtype):
+    """torch nn.LayerNorm over the last axis (two-pass variance, stats in fp32 as in torch)."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        use_scale=affine,
+        use_bias=affine and bias,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 class Identity(nnx.Module):
     """Parameter-free placeholder that keeps torch ModuleList indices aligned (e.g. Dropout)."""
 

@@ -21,20 +21,19 @@ import numpy as np
 from flax import nnx
 
 from diffusion.models import layers
-from diffusion.models.adaln import (
+from diffusion.models.adaln import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
+from diffusion.models.layers import layer_norm
+from diffusion.models.partitioning import (
     BATCH,
     EMBED,
     HEADS,
     KV,
     LENGTH,
     MLP,
-    AdaLayerNormContinuous,
-    AdaLayerNormZero,
-    SD35AdaLayerNormZeroX,
     annotate,
     constrain,
     dense,
-    layer_norm,
+    remat_call,
 )
 
 QK_NORMS = (None, "rms_norm")
@@ -50,7 +49,7 @@ _DIFFUSERS_KEYS = (
 class MMDiTConfig:
     """Constructor arguments of diffusers `SD3Transformer2DModel` plus two JAX-only options.
 
-    attention_impl: `layers.dot_product_attention` implementation (None / 'xla' / 'cudnn').
+    attn_implementation: `layers.dot_product_attention` implementation (None / 'xla' / 'cudnn').
     remat: wrap each transformer block in `nnx.remat` (recompute activations in the backward).
     """
 
@@ -67,7 +66,7 @@ class MMDiTConfig:
     pos_embed_max_size: int | None = 96
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
-    attention_impl: str | None = None
+    attn_implementation: str | None = None
     remat: bool = False
 
     def __post_init__(self):
@@ -95,7 +94,7 @@ class MMDiTConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict, **overrides) -> MMDiTConfig:
-        """From a diffusers config.json dict; `overrides` sets attention_impl / remat."""
+        """From a diffusers config.json dict; `overrides` sets attn_implementation / remat."""
         d = {k: v for k, v in d.items() if not k.startswith("_")}
         unknown = sorted(set(d) - set(_DIFFUSERS_KEYS))
         if unknown:
@@ -276,7 +275,7 @@ class JointTransformerBlock(nnx.Module):
                                                         eps=1e-6, **kw)  # fmt: skip
         else:
             self.norm1_context = AdaLayerNormZero(dim, **kw)
-        attn_kw = dict(qk_norm=cfg.qk_norm, impl=cfg.attention_impl, **kw)
+        attn_kw = dict(qk_norm=cfg.qk_norm, impl=cfg.attn_implementation, **kw)
         self.attn = JointAttention(dim, heads, hd, joint=True, context_pre_only=context_pre_only,
                                    **attn_kw)  # fmt: skip
         self.attn2 = (
@@ -317,10 +316,6 @@ class JointTransformerBlock(nnx.Module):
             _gated(context, c_gate_mlp, self.ff_context(c_n)), (BATCH, LENGTH, None)
         )
         return context, x
-
-
-def _call_block(block, x, context, temb):
-    return block(x, context, temb)
 
 
 class SD3Transformer(nnx.Module):
@@ -371,9 +366,8 @@ class SD3Transformer(nnx.Module):
         x = constrain(self.pos_embed(hidden_states), (BATCH, LENGTH, None))  # (B, h*w, D)
         temb = self.time_text_embed(timestep, pooled_projections)  # (B, D)
         context = self.context_embedder(encoder_hidden_states)  # (B, L, D)
-        call = nnx.remat(_call_block) if cfg.remat else _call_block
         for block in self.transformer_blocks:
-            context, x = call(block, x, context, temb)
+            context, x = remat_call(block, x, context, temb, remat=cfg.remat)
         x = self.proj_out(self.norm_out(x, temb))  # (B, h*w, p*p*C)
         x = x.reshape(b, h // p, w // p, p, p, cfg.out_dim)  # (B, h, w, p, q, C)
         return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, cfg.out_dim)  # (B, H, W, C)

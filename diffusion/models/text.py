@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion.models import layers
-from diffusion.models.adaln import (
+from diffusion.models.layers import layer_norm
+from diffusion.models.partitioning import (
     BATCH,
     EMBED,
     HEADS,
@@ -27,7 +28,7 @@ from diffusion.models.adaln import (
     annotate,
     constrain,
     dense,
-    layer_norm,
+    remat_call,
 )
 
 HIDDEN_ACTS = {
@@ -48,7 +49,7 @@ _REQUIRED = {"dropout": 0.0, "attention_dropout": 0.0, "model_type": "clip_text_
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """Architecture fields of a transformers `CLIPTextConfig` plus attention_impl / remat.
+    """Architecture fields of a transformers `CLIPTextConfig` plus attn_implementation / remat.
 
     eos_token_id: 2 selects the legacy pooling (argmax of input_ids, i.e. the highest token id,
     as in configs written before transformers PR #24773); any other value pools at the first
@@ -68,7 +69,7 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     pad_token_id: int = 1
     class_name: str = "CLIPTextModel"  # or "CLIPTextModelWithProjection" (config.json's class)
-    attention_impl: str | None = None
+    attn_implementation: str | None = None
     remat: bool = False
 
     def __post_init__(self):
@@ -125,7 +126,7 @@ class CLIPAttention(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.hidden_size
-        self.heads, self.impl = cfg.num_attention_heads, cfg.attention_impl
+        self.heads, self.impl = cfg.num_attention_heads, cfg.attn_implementation
         self.k_proj = dense(d, d, (EMBED, HEADS), **kw)
         self.v_proj = dense(d, d, (EMBED, HEADS), **kw)
         self.q_proj = dense(d, d, (EMBED, HEADS), **kw)
@@ -182,15 +183,10 @@ class CLIPEncoder(nnx.Module):
 
     def __call__(self, x, mask) -> list[jax.Array]:
         """Returns all hidden states: [embeddings, layer 1 output, ..., layer N output]."""
-        call = nnx.remat(_call_layer) if self.remat else _call_layer
         states = [x]
         for layer in self.layers:
-            states.append(call(layer, states[-1], mask))
+            states.append(remat_call(layer, states[-1], mask, remat=self.remat))
         return states
-
-
-def _call_layer(layer, x, mask):
-    return layer(x, mask)
 
 
 def _attention_mask(input_ids, attention_mask):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion.models.layers import TimestepEmbedding, conv, group_norm, timestep_embedding
+from diffusion.models.partitioning import remat_call
 from diffusion.models.unet_blocks import (
     DOWN_BLOCKS,
     MID_BLOCKS,
@@ -24,7 +25,6 @@ from diffusion.models.unet_blocks import (
     DownBlock,
     MidBlock,
     UpBlock,
-    remat_call,
 )
 
 # Keys we accept only at the value that needs no extra code (anything else raises, naming it).
@@ -216,7 +216,7 @@ class UNet(nnx.Module):
 
     diffusers_classes = ("UNet2DModel", "UNet2DConditionModel")
     diffusers_class = "UNet2DConditionModel"
-    Config = UNetConfig
+    config_class = UNetConfig
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):  # fmt: skip

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -274,13 +273,3 @@ def _per_layer(value, num_layers) -> list[int]:
     if len(value) != num_layers:
         raise ValueError(f"transformer_layers {tuple(value)} must have {num_layers} entries")
     return list(value)
-
-
-def remat_call(module: nnx.Module, *args, remat: bool = False, **static) -> jax.Array:
-    """`module(*args, **static)`, under `nnx.remat` (jax.checkpoint) when remat is True.
-
-    `static` keyword arguments (e.g. an upsample size) are closed over, never traced.
-    """
-    if not remat:
-        return module(*args, **static)
-    return nnx.remat(lambda m, *a: m(*a, **static))(module, *args)

@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from diffusion.models.layers import conv, group_norm
-from diffusion.models.unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock, remat_call
+from diffusion.models.partitioning import remat_call
+from diffusion.models.unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock
 
 _IGNORED = ("sample_size", "force_upcast")
 
@@ -259,7 +260,7 @@ class AutoencoderKL(nnx.Module):
     (1x1 convs; SD3 has neither), decoder."""
 
     diffusers_class = "AutoencoderKL"
-    Config = VAEConfig
+    config_class = VAEConfig
 
     def __init__(
         self, config: VAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from diffusion.samplers.base import Method, scan_steps
-from diffusion.samplers.ddpm import check_noises, coeffs, step_noise
+from diffusion.samplers import base
+from diffusion.samplers.base import Method, alpha_sigma, methods, scan_steps
 
 
 def ddim_step(x_t, x0_hat, z, a_t, s_t, a_s, s_s, eta):
@@ -33,7 +33,7 @@ def ddim_step(x_t, x0_hat, z, a_t, s_t, a_s, s_s, eta):
     return a_s * x0_hat + jnp.sqrt(jnp.maximum(s_s**2 - c**2, 0.0)) * eps_hat + c * z
 
 
-def run_ddim(denoise_fn, x, schedule, ts, *, rng, eta: float = 0.0, noises=None):
+def ddim(denoise_fn, x, schedule, ts, *, rng, eta: float = 0.0, noises=None):
     """DDIM sampling on the grid `ts` (Song et al. 2021, eq. 12).
 
     eta: 0 for the deterministic sampler, > 0 adds fresh noise (needs rng, or `noises` of shape
@@ -42,32 +42,24 @@ def run_ddim(denoise_fn, x, schedule, ts, *, rng, eta: float = 0.0, noises=None)
     deterministic = isinstance(eta, int | float) and eta == 0
     if isinstance(eta, int | float) and eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    noises = check_noises(noises, ts.shape[0] - 1, x)
-    if not deterministic and rng is None and noises is None:
-        raise ValueError("ddim with eta > 0 is stochastic: pass rng=jax.random.key(...) or noises")
+    stochastic = None if deterministic else "ddim with eta > 0"
+    noises = base.check_noises(noises, ts.shape[0] - 1, x, rng, method=stochastic)
 
     def step(x_t, inp):
         i, t, s = inp
-        a_t, s_t = coeffs(schedule, t, x_t.dtype)
-        a_s, s_s = coeffs(schedule, s, x_t.dtype)
+        a_t, s_t = alpha_sigma(schedule, t, x_t.dtype)
+        a_s, s_s = alpha_sigma(schedule, s, x_t.dtype)
         x0_hat = denoise_fn(x_t, t)
-        z = None if deterministic else step_noise(rng, noises, i, x_t)
+        z = None if deterministic else base.step_noise(rng, noises, i, x_t)
         return ddim_step(x_t, x0_hat, z, a_t, s_t, a_s, s_s, eta)
 
     return scan_steps(step, x, ts)
 
 
-def _nfe_ddim(num_steps: int, eta: float = 0.0, noises=None) -> int:
-    return num_steps
-
-
-METHODS = {
-    "ddim": Method(
-        name="ddim",
-        run=run_ddim,
-        nfe=_nfe_ddim,
-        stochastic=False,  # only with eta > 0; run() then asks for rng
-        default_grid="linspace",
+METHODS = methods(
+    ddim=Method(
+        ddim,
+        stochastic=False,  # only with eta > 0; ddim() then asks for rng
         paper="Song et al. 2021, Denoising Diffusion Implicit Models (arXiv:2010.02502)",
     ),
-}
+)

@@ -22,37 +22,12 @@ sigma = 0.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from diffusion.samplers.base import Method, scan_steps
+from diffusion.samplers import base
+from diffusion.samplers.base import Method, alpha_sigma, methods, scan_steps
 
 VARIANCES = ("fixed_small", "fixed_large")
-
-
-def check_noises(noises, num_steps: int, x):
-    """Validate injected per-step noise: an array (num_steps, *x.shape), or None."""
-    if noises is None:
-        return None
-    noises = jnp.asarray(noises, x.dtype)
-    want = (num_steps, *x.shape)
-    if noises.shape != want:
-        raise ValueError(
-            f"noises has shape {noises.shape}; expected (num_steps, *x.shape) = {want}"
-        )
-    return noises
-
-
-def step_noise(rng, noises, i, x):
-    """Standard normal noise for step i: noises[i] if injected, else drawn with fold_in(rng, i)."""
-    if noises is not None:
-        return noises[i]
-    return jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-
-
-def coeffs(schedule, t, dtype):
-    """(alpha_t, sigma_t) in the dtype of the state."""
-    return jnp.asarray(schedule.alpha(t), dtype), jnp.asarray(schedule.sigma(t), dtype)
 
 
 def posterior(x_t, x0_hat, a_t, s_t, a_s, s_s):
@@ -70,7 +45,7 @@ def ddpm_step(x_t, x0_hat, z, a_t, s_t, a_s, s_s, variance: str):
     return mean + jnp.sqrt(var) * z
 
 
-def run_ddpm(denoise_fn, x, schedule, ts, *, rng, variance: str = "fixed_small", noises=None):
+def ddpm(denoise_fn, x, schedule, ts, *, rng, variance: str = "fixed_small", noises=None):
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) on the grid `ts`.
 
     variance: "fixed_small" (posterior variance beta-tilde) or "fixed_large" (beta_t, i.e.
@@ -79,32 +54,23 @@ def run_ddpm(denoise_fn, x, schedule, ts, *, rng, variance: str = "fixed_small",
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; valid: {list(VARIANCES)}")
-    noises = check_noises(noises, ts.shape[0] - 1, x)
-    if rng is None and noises is None:
-        raise ValueError("ddpm is stochastic: pass rng=jax.random.key(...) or noises")
+    noises = base.check_noises(noises, ts.shape[0] - 1, x, rng, method="ddpm")
 
     def step(x_t, inp):
         i, t, s = inp
-        a_t, s_t = coeffs(schedule, t, x_t.dtype)
-        a_s, s_s = coeffs(schedule, s, x_t.dtype)
+        a_t, s_t = alpha_sigma(schedule, t, x_t.dtype)
+        a_s, s_s = alpha_sigma(schedule, s, x_t.dtype)
         x0_hat = denoise_fn(x_t, t)
-        z = step_noise(rng, noises, i, x_t)
+        z = base.step_noise(rng, noises, i, x_t)
         return ddpm_step(x_t, x0_hat, z, a_t, s_t, a_s, s_s, variance)
 
     return scan_steps(step, x, ts)
 
 
-def _nfe_ddpm(num_steps: int, variance: str = "fixed_small", noises=None) -> int:
-    return num_steps
-
-
-METHODS = {
-    "ddpm": Method(
-        name="ddpm",
-        run=run_ddpm,
-        nfe=_nfe_ddpm,
+METHODS = methods(
+    ddpm=Method(
+        ddpm,
         stochastic=True,
-        default_grid="linspace",
         paper="Ho et al. 2020, Denoising Diffusion Probabilistic Models (arXiv:2006.11239)",
     ),
-}
+)

@@ -32,8 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion.samplers.base import Method, scan_steps
-from diffusion.samplers.ddpm import check_noises, step_noise
+from diffusion.samplers import base
+from diffusion.samplers.base import Method, alpha_sigma, methods, scan_steps
 
 
 def ode_sigma(schedule, t):
@@ -52,11 +52,11 @@ def ode_time(schedule, s):
     return schedule.t_from_sigma_ratio(s)
 
 
-def _scale(schedule, t, dtype):
+def ode_scale(schedule, t, dtype):
     """x = scale(t) * y: 1 for flow, alpha(t) for vp / ve."""
     if schedule.family == "flow":
         return jnp.ones((), dtype)
-    return jnp.asarray(schedule.alpha(t), dtype)
+    return alpha_sigma(schedule, t, dtype)[0]
 
 
 def _churn_fn(schedule, n, rng, noises, s_churn, s_tmin, s_tmax, s_noise):
@@ -69,7 +69,7 @@ def _churn_fn(schedule, n, rng, noises, s_churn, s_tmin, s_tmax, s_noise):
         r = s / (1.0 - s) if flow else s
         gamma_i = jnp.where((r >= s_tmin) & (r <= s_tmax) & jnp.isfinite(r), gamma, 0.0)
         r_hat = jnp.minimum(r * (1.0 + gamma_i), r_max.astype(r.dtype))
-        z = step_noise(rng, noises, i, y) * s_noise
+        z = base.step_noise(rng, noises, i, y) * s_noise
         x_tilde = y * (1.0 + r) if flow else y  # x / alpha
         x_tilde = x_tilde + jnp.sqrt(jnp.maximum(r_hat**2 - r**2, 0.0)) * z
         s_hat = r_hat / (1.0 + r_hat) if flow else r_hat
@@ -87,7 +87,7 @@ def _integrate(update, denoise_fn, x, schedule, ts, churn=None):
     dtype = x.dtype
 
     def f(y, s, t):  # dy/ds = (y - x0_hat) / s
-        x0_hat = denoise_fn(_scale(schedule, t, dtype) * y, t)
+        x0_hat = denoise_fn(ode_scale(schedule, t, dtype) * y, t)
         return (y - x0_hat) / s
 
     def step(y, inp):
@@ -98,8 +98,8 @@ def _integrate(update, denoise_fn, x, schedule, ts, churn=None):
             y, s, t = churn(y, s, t, i)
         return update(f, y, s, t, s_next, t_next, i == n - 1)
 
-    y = scan_steps(step, x / _scale(schedule, ts[0], dtype), ts)
-    return _scale(schedule, ts[-1], dtype) * y
+    y = scan_steps(step, x / ode_scale(schedule, ts[0], dtype), ts)
+    return ode_scale(schedule, ts[-1], dtype) * y
 
 
 def _stage(schedule, s, dtype):
@@ -146,66 +146,52 @@ def _make_rk4(schedule):
 
 
 def _edm_churn(schedule, ts, rng, s_churn, s_tmin, s_tmax, s_noise, noises, x):
+    """The churn function of EDM Algorithm 2, or None when s_churn = 0 (deterministic)."""
     if s_churn < 0:
         raise ValueError(f"s_churn must be >= 0, got {s_churn}")
     if s_churn == 0:
         return None
     n = ts.shape[0] - 1
-    noises = check_noises(noises, n, x)
-    if rng is None and noises is None:
-        raise ValueError("s_churn > 0 is stochastic: pass rng=jax.random.key(...) or noises")
+    noises = base.check_noises(noises, n, x, rng, method="s_churn > 0")
     return _churn_fn(schedule, n, rng, noises, s_churn, s_tmin, s_tmax, s_noise)
 
 
-def _churn_runner(update, doc: str):
-    """The `run` of an EDM-style solver with optional churn (stochastic when s_churn > 0)."""
-
-    def run(
-        denoise_fn,
-        x,
-        schedule,
-        ts,
-        *,
-        rng=None,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        noises=None,
-    ):
-        churn = _edm_churn(schedule, ts, rng, s_churn, s_tmin, s_tmax, s_noise, noises, x)
-        return _integrate(update, denoise_fn, x, schedule, ts, churn)
-
-    run.__doc__ = doc
-    return run
+def euler(
+    denoise_fn, x, schedule, ts, *, rng=None, s_churn: float = 0.0, s_tmin: float = 0.0,
+    s_tmax: float = float("inf"), s_noise: float = 1.0, noises=None,
+):  # fmt: skip
+    """Euler on the probability-flow ODE dy/ds = (y - x0_hat) / s (Karras et al. 2022, EDM,
+    Algorithm 2 without the second-order correction; k-diffusion's sample_euler). s_churn > 0 adds
+    EDM's churn noise before each step (stochastic: rng or `noises` (num_steps, *x.shape))."""
+    churn = _edm_churn(schedule, ts, rng, s_churn, s_tmin, s_tmax, s_noise, noises, x)
+    return _integrate(_euler_update, denoise_fn, x, schedule, ts, churn)
 
 
-run_euler = _churn_runner(
-    _euler_update, "Euler on the probability-flow ODE (EDM Algorithm 2 without the correction)."
-)
-run_heun = _churn_runner(
-    _heun_update, "Heun's second-order method (EDM, Karras et al. 2022, Algorithms 1 and 2)."
-)
+def heun(
+    denoise_fn, x, schedule, ts, *, rng=None, s_churn: float = 0.0, s_tmin: float = 0.0,
+    s_tmax: float = float("inf"), s_noise: float = 1.0, noises=None,
+):  # fmt: skip
+    """Heun's second-order method (Karras et al. 2022, EDM, Algorithms 1 and 2; k-diffusion's
+    sample_heun): an Euler step to s_next, then the trapezoidal correction with the slope there
+    (skipped on the final step, to sigma = 0). s_churn as in `euler`."""
+    churn = _edm_churn(schedule, ts, rng, s_churn, s_tmin, s_tmax, s_noise, noises, x)
+    return _integrate(_heun_update, denoise_fn, x, schedule, ts, churn)
 
 
-def run_midpoint(denoise_fn, x, schedule, ts, *, rng=None):
-    """Explicit midpoint rule (2 evaluations per step; midpoint in s)."""
+def midpoint(denoise_fn, x, schedule, ts, *, rng=None):
+    """Explicit midpoint rule (Runge 1895; 2 evaluations per step, midpoint in s)."""
     return _integrate(_make_midpoint(schedule), denoise_fn, x, schedule, ts)
 
 
-def run_rk4(denoise_fn, x, schedule, ts, *, rng=None):
+def rk4(denoise_fn, x, schedule, ts, *, rng=None):
     """Classical 4th-order Runge-Kutta; Ralston's 3rd order on the final interval."""
     return _integrate(_make_rk4(schedule), denoise_fn, x, schedule, ts)
 
 
 _EDM = "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models"
-METHODS = {
-    "euler": Method("euler", run_euler, lambda num_steps, **_: num_steps, paper=_EDM),
-    "heun": Method("heun", run_heun, lambda num_steps, **_: 2 * num_steps - 1, paper=_EDM),
-    "midpoint": Method(
-        "midpoint", run_midpoint, lambda num_steps, **_: 2 * num_steps, paper="explicit midpoint"
-    ),
-    "rk4": Method(
-        "rk4", run_rk4, lambda num_steps, **_: 4 * num_steps - 1, paper="classical Runge-Kutta 4"
-    ),
-}
+METHODS = methods(
+    euler=Method(euler, paper=_EDM),
+    heun=Method(heun, lambda num_steps, **_: 2 * num_steps - 1, paper=_EDM),
+    midpoint=Method(midpoint, lambda num_steps, **_: 2 * num_steps, paper="explicit midpoint"),
+    rk4=Method(rk4, lambda num_steps, **_: 4 * num_steps - 1, paper="classical Runge-Kutta 4"),
+)

@@ -6,9 +6,14 @@ t = 0 (sigma = 0). With t_end > 0 (DPM-Solver's convention, e.g. t_end = schedul
 num_steps + 1 points are spaced between t_start and t_end.
 
     uniform_t   uniform in t                                  (DPM-Solver "time_uniform")
-    linspace    uniform in t, on the table for discrete schedules  (diffusers "linspace")
+    linspace    uniform in t, on the table for discrete schedules  (diffusers "linspace": DDIM,
+                DDPM, PNDM; the k-diffusion-style schedulers interpolate fractional timesteps)
+    linspace_multistep  diffusers' multistep "linspace" (DPMSolverMultistep, UniPC, DEIS):
+                round(linspace(0, N - 1, n + 1))[::-1][:-1], unlike DDIM's (discrete schedules)
     leading     diffusers "leading" timestep spacing (discrete schedules)
     trailing    diffusers "trailing" timestep spacing, Lin et al. 2024 (discrete schedules)
+    lcm         LCMScheduler's: n of the `original_inference_steps` (50) distillation timesteps
+                k * (N // original) - 1, evenly spaced in index (Luo et al. 2023; discrete)
     logsnr      uniform in lambda = log(alpha / sigma)         (Lu et al. 2022)
                 (logsnr and karras start at t_max - t_min on flow schedules, where lambda(1) = -inf)
     quadratic   uniform in sqrt(t)                              (DPM-Solver "time_quadratic")
@@ -43,10 +48,23 @@ def _spaced(schedule, name, n, t0, t1, rho):
     raise AssertionError(name)
 
 
-def _diffusers_timesteps(name, num_steps, n_train, steps_offset):
-    """diffusers' integer timesteps (DDIMScheduler.set_timesteps), decreasing."""
+def _diffusers_timesteps(name, num_steps, n_train, steps_offset, original_steps):
+    """diffusers' integer timesteps (DDIMScheduler / DPMSolverMultistepScheduler / LCMScheduler
+    .set_timesteps), decreasing."""
     if name == "linspace":
         return np.linspace(0, n_train - 1, num_steps).round()[::-1]
+    if name == "linspace_multistep":
+        return np.linspace(0, n_train - 1, num_steps + 1).round()[::-1][:-1]
+    if name == "lcm":
+        if not num_steps <= original_steps <= n_train:
+            raise ValueError(
+                f"grid 'lcm' takes num_steps <= original_inference_steps <= num_train_timesteps; "
+                f"got {num_steps}, {original_steps}, {n_train}"
+            )
+        origin = (np.arange(1, original_steps + 1) * (n_train // original_steps) - 1)[::-1]
+        return origin[
+            np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(int)
+        ]
     if name == "leading":
         ratio = n_train // num_steps
         return (np.arange(num_steps) * ratio).round()[::-1] + steps_offset
@@ -54,7 +72,9 @@ def _diffusers_timesteps(name, num_steps, n_train, steps_offset):
     return np.round(np.arange(n_train, 0, -ratio)) - 1
 
 
-GRIDS = ("uniform_t", "linspace", "leading", "trailing", "logsnr", "quadratic", "karras")
+GRIDS = ("uniform_t", "linspace", "linspace_multistep", "leading", "trailing", "lcm", "logsnr")
+GRIDS += ("quadratic", "karras")
+DIFFUSERS_ONLY = ("linspace_multistep", "leading", "trailing", "lcm")  # discrete schedules only
 
 
 def time_grid(
@@ -66,16 +86,20 @@ def time_grid(
     t_end: float = 0.0,
     rho: float = 7.0,
     steps_offset: int = 0,
+    original_inference_steps: int = 50,
 ):
     """The (num_steps + 1,) decreasing float32/64 grid of the given name (see module docstring).
 
-    Computed eagerly on the host even inside `jax.jit` (grids are compile-time constants).
+    diffusers' spacings on discrete schedules end at t_end, default 0; t_end = schedule.t_min is
+    diffusers' final_sigmas_type="sigma_min" (DEIS's end). Computed eagerly on the host even
+    inside `jax.jit` (grids are compile-time constants).
     """
     with jax.ensure_compile_time_eval():
-        return _time_grid(schedule, name, num_steps, t_start, t_end, rho, steps_offset)
+        args = (t_start, t_end, rho, steps_offset, original_inference_steps)
+        return _time_grid(schedule, name, num_steps, *args)
 
 
-def _time_grid(schedule, name, num_steps, t_start, t_end, rho, steps_offset):
+def _time_grid(schedule, name, num_steps, t_start, t_end, rho, steps_offset, original_steps):
     if name not in GRIDS:
         raise ValueError(f"unknown grid {name!r}; valid: {list(GRIDS)}")
     if num_steps < 1:
@@ -85,14 +109,18 @@ def _time_grid(schedule, name, num_steps, t_start, t_end, rho, steps_offset):
         # lambda(1) = -inf for flow; start one training step inside, as diffusers' flow sigmas
         t0 = schedule.t_max - schedule.t_min
     discrete = hasattr(schedule, "t_from_timestep")
-    if name in ("leading", "trailing") or (name == "linspace" and discrete):
+    if name in DIFFUSERS_ONLY or (name == "linspace" and discrete):
         if not discrete:
             raise ValueError(f"grid {name!r} needs a discrete (DDPM-table) schedule")
         n_train = schedule.num_train_timesteps
-        if t_end != 0 or t_start is not None:
-            raise ValueError(f"grid {name!r} follows diffusers: no t_start, and t_end=0")
-        k = _diffusers_timesteps(name, num_steps, n_train, steps_offset)
-        ts = np.concatenate([(k + 1.0) / n_train, [0.0]])
+        k = _diffusers_timesteps(name, num_steps, n_train, steps_offset, original_steps)
+        ts = (k + 1.0) / n_train
+        if t_start is not None or not 0 <= t_end < ts[-1]:
+            raise ValueError(
+                f"grid {name!r} follows diffusers: no t_start, and 0 <= t_end < {ts[-1]} (its "
+                f"last timestep); got t_start={t_start}, t_end={t_end}"
+            )
+        ts = np.concatenate([ts, [t_end]])
     elif t_end == 0:
         ts = np.concatenate([_spaced(schedule, name, num_steps, t0, schedule.t_min, rho), [0.0]])
     else:

@@ -35,7 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from diffusion.samplers.base import Method, check_order, scan_steps
+from diffusion.samplers.base import Method, alpha_sigma, check_order, methods, scan_steps
 
 ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
@@ -102,7 +102,7 @@ def unipc(
     if variant not in VARIANTS:
         raise ValueError(f"unipc variant must be one of {VARIANTS}, got {variant!r}")
     n = ts.shape[0] - 1
-    alphas, sigmas = schedule.alpha(ts), schedule.sigma(ts)
+    alphas, sigmas = alpha_sigma(schedule, ts, x.dtype)  # (n + 1,) each
     # alpha = 0 (flow at t = 1) gives lambda = -inf and an infinite h; floor it where diffusers'
     # use_flow_sigmas starts (sigma = 1 - 1e-6), keeping every coefficient finite.
     lams = jnp.maximum(schedule.logsnr(ts), LAMBDA_MIN)
@@ -139,18 +139,6 @@ def unipc(
     return scan_steps(step, carry, ts)[0]
 
 
-def _nfe(num_steps: int, *, order: int = 2, **options) -> int:
-    check_order("unipc", order, ORDERS)
-    return num_steps  # one denoiser call per step; the corrector reuses it
-
-
-METHODS = {
-    "unipc": Method(
-        name="unipc",
-        run=unipc,
-        nfe=_nfe,
-        default_grid="linspace",
-        orders=ORDERS,
-        paper="Zhao et al. 2023, UniPC (arXiv:2302.04867)",
-    ),
-}
+METHODS = methods(
+    unipc=Method(unipc, orders=ORDERS, paper="Zhao et al. 2023, UniPC (arXiv:2302.04867)"),
+)

@@ -1,0 +1,135 @@
+"""A small Stable Diffusion 1 trained here: latent diffusion (Rombach et al. 2022) on coloured
+shapes. The frozen shapes VAE (configs/shapes_vae.py: 32x32 images -> 16x16x4 latents) encodes
+the dataset once into a latent cache; an SD1-style U-Net (diffusers UNet2DConditionModel,
+cross-attention on CLIP token states) learns eps on SD's scaled_linear table, with a CLIP text
+encoder (transformers CLIPTextModel) trained jointly from scratch on the shapes CLIP BPE
+tokenizer (diffusion/data/tokenizers/shapes); captions are dropped 10% of the time for
+classifier-free guidance. Latents are scaled by 1/std (measured on the VAE; "auto").
+
+    python -m experiments.train --config configs/shapes_ldm_unet.py \\
+        --config.latents.vae=/tmp/shapes_vae --workdir /tmp/shapes_ldm_unet
+    python -m experiments.eval_text2img --workdir /tmp/shapes_ldm_unet
+    python -m tools.export_pipeline --workdir /tmp/shapes_ldm_unet --out /tmp/shapes_sd
+
+Needs a trained shapes VAE workdir (or an exported diffusers AutoencoderKL folder). The export is
+a diffusers StableDiffusionPipeline folder. Results of the full run: see
+benchmarks/results/shapes_ldm_unet/README.md. `:runlocal` trains a tiny U-Net and CLIP for 40
+steps on shapes/tiny latents (tests).
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from configs import common
+from configs.shapes_mmdit_flow import PROMPTS
+
+TOKENS = 16  # the longest caption is 14 words + <|startoftext|> and <|endoftext|>
+VOCAB = 608  # diffusion/data/tokenizers/shapes: 512 byte symbols, 94 merges, 2 special tokens
+
+
+def clip(width=128, layers=2):
+    """transformers CLIPTextConfig for the shapes CLIP BPE tokenizer (bos 606, eos = pad 607)."""
+    return {
+        "vocab_size": VOCAB,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "projection_dim": width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(width // 32, 1),
+        "max_position_embeddings": TOKENS,
+        "hidden_act": "quick_gelu",
+        "bos_token_id": VOCAB - 2,
+        "eos_token_id": VOCAB - 1,
+        "pad_token_id": VOCAB - 1,
+    }
+
+
+def text(encoder_width=128, layers=2):
+    """SD1's prompt encoding: the final CLIP token states as cross-attention context."""
+    return {
+        "name": "text",
+        "tokenizer": {"kind": "clip", "path": "shapes", "max_length": TOKENS},
+        "text_encoder": {"class_name": "CLIPTextModel", "config": clip(encoder_width, layers)},
+        "hidden_state": -1,
+        "pooled_as": None,
+    }
+
+
+def unet(channels=(64, 128, 128), context=128, heads=4, layers_per_block=2):
+    return {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": list(channels),
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": layers_per_block,
+        "norm_num_groups": 32 if min(channels) >= 32 else 8,
+        "cross_attention_dim": context,  # = CLIP hidden_size
+        "attention_head_dim": heads,  # diffusers' name; it is the number of heads in SD1
+    }
+
+
+def get_config(arg=None):
+    v = common.parse(arg, flags=("runlocal",))
+    c = ml_collections.ConfigDict()
+    c.name = "shapes_ldm_unet"
+    c.task = "diffusion"
+    c.seed = 0
+    c.data = {
+        "name": "shapes/32x32",
+        "batch_size": 64,
+        "data_dir": placeholder(str),
+        "key": "latent",
+    }
+    c.latents = {"vae": placeholder(str), "scaling_factor": "auto"}
+    c.conditioning = text()
+    c.model = {"class_name": "UNet2DConditionModel", "config": unet(), "remat": False}
+    c.compute_dtype = "float32"
+    c.schedule = {"name": "scaled_linear", "kwargs": {}}
+    c.objective = {
+        "prediction_type": "eps",
+        "time_density": "uniform",
+        "weighting": "none",
+        "cond_dropout": 0.1,
+    }
+    c.optim = {
+        "lr": 3e-4,
+        "warmup_steps": 500,
+        "decay": "cosine",
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "grad_accum": 1,
+    }
+    c.ema_decay = 0.999
+    c.ema_warmup = True
+    c.total_steps = 12000
+    c.log_every = 100
+    c.ckpt_every = 2000
+    c.keep_checkpoints = 10
+    c.sample = {
+        "every": 2000,
+        "num_images": 32,
+        "method": "dpmpp_2m",
+        "num_steps": 25,
+        "grid": "trailing",  # = the exported DPMSolverMultistepScheduler(timestep_spacing=...)
+        "guidance_scale": 4.0,
+        "prompts": list(PROMPTS),
+    }
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    c.fsdp_min_size = 2**16
+    if v.runlocal:
+        c.data.name = "shapes/tiny"
+        c.data.batch_size = 16
+        c.conditioning = text(encoder_width=32, layers=1)
+        c.model.config = unet(channels=(16, 32, 32), context=32, heads=2, layers_per_block=1)
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 5
+        c.ema_decay = 0.9
+        c.total_steps = 40
+        c.log_every = 5
+        c.ckpt_every = 20
+        c.sample.every = 40
+        c.sample.num_images = 8
+        c.sample.num_steps = 5
+    return c

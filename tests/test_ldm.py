@@ -1,0 +1,187 @@
+"""Latent text-to-image end to end on a tiny run: a VAE trained a few steps, the SD1-style latent
+U-Net config (:runlocal, shortened) trained on its latent cache, evaluated by the shapes judge,
+exported as a diffusers folder that StableDiffusionPipeline loads offline and samples the same
+images from as we do (same initial latents and scheduler); and the bad input users hit."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes_ldm_mmdit, shapes_ldm_unet, shapes_vae
+from diffusion import latent, tasks, train
+from diffusion.train_state import restore_ema
+from diffusion.workdir import read_config
+
+ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1, "num_devices": 1}
+
+
+def _short(cfg, data_dir, steps):
+    cfg.data.data_dir = str(data_dir)
+    cfg.total_steps, cfg.ckpt_every, cfg.log_every = steps, steps // 2, 2
+    cfg.sample.every = steps
+    cfg.mesh = ONE_DEVICE
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(vae workdir, ldm workdir, data_dir): the VAE trains 4 steps, the LDM 12 on its latents."""
+    root = tmp_path_factory.mktemp("ldm")
+    data_dir = root / "tfds"
+    vae_cfg = _short(shapes_vae.get_config("runlocal"), data_dir, 4)
+    vae_cfg.sample.every = 0
+    train.train(vae_cfg, str(root / "vae"))
+    cfg = _short(shapes_ldm_unet.get_config("runlocal"), data_dir, 12)
+    cfg.latents.vae = str(root / "vae")
+    summary = train.train(cfg, str(root / "ldm"))
+    return root / "vae", root / "ldm", data_dir, summary
+
+
+@pytest.fixture(scope="module")
+def mmdit_run(runs):
+    """The SD3-style latent MMDiT config (:runlocal) trained 4 steps on the same VAE."""
+    vae_dir, ldm_dir, data_dir, _ = runs
+    cfg = _short(shapes_ldm_mmdit.get_config("runlocal"), data_dir, 4)
+    cfg.latents.vae = str(vae_dir)
+    train.train(cfg, str(ldm_dir.parent / "mmdit"))
+    return ldm_dir.parent / "mmdit"
+
+
+def test_latent_unet_trains_on_cached_latents(runs):
+    vae_dir, ldm_dir, data_dir, summary = runs
+    assert summary["checkpoints"] == [6, 12]
+    records = [json.loads(x) for x in (ldm_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = np.array([r["loss"] for r in records if "loss" in r])
+    assert np.all(np.isfinite(losses)) and losses[-2:].mean() < losses[:2].mean(), losses
+    assert (ldm_dir / "samples_000012.png").exists()
+    # The cache holds the VAE's posterior modes; the task scales them by 1/std ("auto").
+    task = tasks.from_config(read_config(str(ldm_dir)))
+    space = task.latents
+    assert space.factor == 2 and space.channels == 4
+    imgs = np.stack([np.full((32, 32, 3), v, np.float32) for v in (-0.5, 0.0, 0.5)])
+    z = space.encode_unscaled(imgs)
+    np.testing.assert_allclose(space.encode(imgs), z * space.scaling_factor, rtol=1e-6)
+    vae, _ = restore_ema(read_config(str(vae_dir)), tasks.from_config(read_config(str(vae_dir))),
+                         str(vae_dir))  # fmt: skip
+    np.testing.assert_allclose(z, vae.encode(jnp.asarray(imgs)).mode(), atol=1e-5)
+
+
+def test_eval_text2img_scores_with_the_judge(runs):
+    from experiments import eval_text2img
+
+    _, ldm_dir, data_dir, _ = runs
+    prompts = [("a red circle at the center on a black background", "single"),
+               ("a blue square above a green triangle on a gray background", "unseen")]  # fmt: skip
+    r = eval_text2img.evaluate(str(ldm_dir), num_per_prompt=2, prompts=prompts, num_steps=3)
+    assert r["checkpoint_step"] == 12 and r["num_prompts"] == 2
+    assert 0.0 <= r["adherence"] <= 1.0 and set(r["adherence_by_group"]) == {"single", "unseen"}
+    assert set(r["accuracy"]) >= {"count", "background", "shape1", "color1"}
+    assert np.isfinite(r["fd_in_judge_features"])
+    assert (ldm_dir / "eval_text2img.png").exists()
+    assert json.loads((ldm_dir / "eval_text2img.json").read_text())["adherence"] == r["adherence"]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path, guidance):
+    """diffusers' StableDiffusionPipeline on the exported folder, given our initial latents and
+    the exported DPMSolverMultistepScheduler (trailing), draws the images we draw (<= 2e-3)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from tools import export_pipeline
+
+    _, ldm_dir, _, _ = runs
+    out = export_pipeline.export(str(ldm_dir), str(tmp_path / "pipe"))
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    prompts = ["a red circle at the center on a black background", "a purple hexagon"]
+    rng = np.random.default_rng(0)
+    x_T = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, output_type="np",
+                    latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2))).images  # fmt: skip
+    got = _ours(ldm_dir, prompts, x_T, method="dpmpp_2m", num_steps=4, guidance_scale=guidance,
+                grid="trailing")  # fmt: skip
+    assert want.shape == got.shape == (2, 32, 32, 3)
+    assert np.abs(got - want).max() <= 2e-3
+
+
+def _ours(workdir, prompts, x_T, **sample_kw):
+    """Our images in [0, 1] for prompts from initial latents x_T (NHWC), the run's EMA weights."""
+    cfg = read_config(str(workdir))
+    task = tasks.from_config(cfg)
+    model, _ = restore_ema(cfg, task, str(workdir))
+    cond = {"input_ids": jnp.asarray(task.conditioning.tokenizer(prompts))}
+    z = task.sample(model, jax.random.key(0), cond, x_T.shape, x_T=jnp.asarray(x_T), **sample_kw)
+    return np.clip((np.asarray(task.to_pixels(z)) + 1.0) / 2.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, tmp_path, guidance):
+    """StableDiffusion3Pipeline (two CLIPs, no T5, max_sequence_length=0) on the exported MMDiT
+    run, with our initial latents and its FlowMatchEulerDiscreteScheduler, draws our images."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from tools import export_pipeline
+
+    out = export_pipeline.export(str(mmdit_run), str(tmp_path / "sd3"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        out, text_encoder_3=None, tokenizer_3=None, local_files_only=True
+    )  # diffusers' documented way to load SD3 without T5
+    prompts = ["a green diamond at the top on a brown background", "a cyan square"]
+    x_T = np.random.default_rng(1).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, output_type="np",
+                    latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2)),
+                    max_sequence_length=0).images  # fmt: skip
+    got = _ours(mmdit_run, prompts, x_T, method="euler", num_steps=4, guidance_scale=guidance)
+    assert want.shape == got.shape == (2, 32, 32, 3)
+    assert np.abs(got - want).max() <= 2e-3
+
+
+def test_bad_input(runs, tmp_path):
+    from tools import export_pipeline
+
+    vae_dir, ldm_dir, _, _ = runs
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        latent.LatentSpace.load(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="not a VAE"):
+        latent.LatentSpace.load(str(ldm_dir))  # a diffusion run's workdir
+    cfg = shapes_ldm_unet.get_config("runlocal")
+    with pytest.raises(ValueError, match="latents.vae"):
+        tasks.from_config(cfg)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_pipeline.export(str(ldm_dir), str(tmp_path / "full"))
+    with pytest.raises(ValueError, match="latent text-to-image"):
+        export_pipeline.export(str(vae_dir), str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_clip_bpe_tokenizer_matches_transformers_and_encodes_any_word(tmp_path):
+    """The shipped shapes tokenizer is what train_clip_bpe writes from the generator's captions;
+    CLIPTokenizer loads it; a word it never saw encodes as bytes (no unknown token)."""
+    from transformers import CLIPTokenizer
+
+    from diffusion.data import tokenizer
+
+    tokenizer.train_clip_bpe(tokenizer.shapes_captions(), str(tmp_path / "bpe"))
+    for name in ("vocab.json", "merges.txt"):
+        shipped = tokenizer.BUILTIN["shapes"] + "/" + name
+        assert (tmp_path / "bpe" / name).read_text() == open(shipped).read(), name
+    ours = tokenizer.from_config({"kind": "clip", "path": "shapes", "max_length": 16})
+    ref = CLIPTokenizer.from_pretrained(tokenizer.BUILTIN["shapes"])
+    caption = "a red circle to the right of a blue square on a black background"
+    ids = ours([caption, "a purple hexagon!"])
+    assert ids.shape == (2, 16)
+    # the longest caption form: <|startoftext|>, 14 words of one token each, <|endoftext|>
+    assert list(ids[0]) == ref(caption).input_ids and len(ids[0]) == 16
+    odd = ref.convert_ids_to_tokens(ref("purple").input_ids[1:-1])
+    assert "".join(odd).replace("</w>", "") == "purple" and len(odd) > 1  # bytes / merges
+    assert ref.unk_token_id not in ref("purple hexagon").input_ids[1:-1]
+    with pytest.raises(FileNotFoundError, match="built-in"):
+        tokenizer.from_config({"kind": "clip", "path": str(tmp_path / "none"), "max_length": 8})
