@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion import data
 from diffusion.metrics import classifier
 
 STEM = "digits_classifier"
@@ -36,6 +35,8 @@ def config(image_size: int = 8) -> classifier.ClassifierConfig:
 
 def real_digits(name: str, split: str, data_dir=None) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, S, S, 1) float32 in [-1, 1], labels (N,) int32) of a built-in digits split."""
+    from diffusion import data  # tensorflow-datasets: imported only when digits are read
+
     source = data.load_source(name, split, data_dir)
     examples = [source[i] for i in range(len(source))]
     x = np.stack([data.preprocess_image(np.asarray(e["image"])) for e in examples])
