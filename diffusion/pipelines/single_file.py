@@ -33,7 +33,7 @@ from diffusion.pipelines.single_file_config import preflight, resolve
 from diffusion.pipelines.single_file_layout import SingleFileError
 
 _PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-_MAX_LISTED = 8
+_MAX_LISTED = 6
 
 
 # ----------------------------------------------------------------------------- the file
@@ -128,9 +128,15 @@ def _openclip_extras(keys, prefix, model) -> set:
 
 
 def _raise(file: str, problems: list[str], hint: str = "") -> None:
-    shown = problems[:_MAX_LISTED] + (
-        [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
-    )
+    """One error listing up to _MAX_LISTED problems of each component ("[unet] ...")."""
+    groups: dict[str, list[str]] = {}
+    for p in problems:
+        groups.setdefault(p.split("]")[0] if p.startswith("[") else "", []).append(p)
+    shown = []
+    for group in groups.values():
+        shown += group[:_MAX_LISTED]
+        if len(group) > _MAX_LISTED:
+            shown.append(f"... and {len(group) - _MAX_LISTED} more like these")
     raise SingleFileError(
         f"{file} does not fit the config ({len(problems)} problems):\n  "
         + "\n  ".join(shown)
