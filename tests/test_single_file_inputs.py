@@ -77,14 +77,43 @@ def _full_size_file(arch):
     return ckpt, state
 
 
+# Keys of the published files (v1-5-pruned-emaonly, sd_xl_base_1.0) where the original layout
+# and diffusers' lenient reader differ: Upsample after an attention layer is `.2.conv` (`.1.conv`
+# without one), the encoder's Downsample `op`, the VAE's 1x1-conv attention, level order.
+PUBLISHED = {
+    "sd1": {"model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+            "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+            "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+            "model.diffusion_model.output_blocks.8.2.conv.weight": (640, 640, 3, 3),
+            "model.diffusion_model.output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
+            "model.diffusion_model.middle_block.2.emb_layers.1.weight": (1280, 1280),
+            "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+            "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+            "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)},
+    "sdxl": {"model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+             "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+             "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
+             "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+             "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight":
+                 (1280, 2048),
+             "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight":
+                 (3840, 1280),
+             "conditioner.embedders.1.model.text_projection": (1280, 1280)},
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("arch,theirs", [("sd1", "v1"), ("sd2", "v2"), ("sdxl", "xl_base")])
 def test_full_size_layouts_agree_with_diffusers(arch, theirs):
     """On the published models' structures (SD1.5, SD2.1, SDXL: 4 / 3 levels, 2 layers per
     block, SDXL's 10-deep transformers, 23 / 32-layer OpenCLIP towers): our detection and
     diffusers' infer_diffusers_model_type name the same model; diffusers' conversion functions
-    send every tensor our key maps place back to its diffusers key, with its shape."""
+    send every tensor our key maps place back to its diffusers key, with its shape; keys of the
+    published files are where our maps put them."""
     ckpt, state = _full_size_file(arch)
     shape_of = lambda k: tuple(ckpt[k].shape)  # noqa: E731
+    for key, shape in PUBLISHED.get(arch, {}).items():
+        assert key in ckpt and shape_of(key) == shape, key
     det = pipelines.detect(list(ckpt), shape_of)
     assert det.arch.name == arch and det.in_channels == 4 and not det.has_ema
     assert sfu.infer_diffusers_model_type(ckpt) == theirs
