@@ -46,8 +46,11 @@ def open_checkpoint(path: str):
     if not os.path.isfile(path):
         raise SingleFileError(f"{path} is not a file")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if path.lower().endswith(_PICKLE_EXTENSIONS) or head[:2] in (b"PK", b"\x80\x02"):
+        head = f.read(10)
+    # safetensors: 8-byte header length, then a JSON object; torch.save: a zip (PK) archive or,
+    # in the legacy format, a pickle stream (protocol >= 2 starts with 0x80).
+    pickled = head[8:10] != b'{"' and (head[:2] == b"PK" or head[:1] == b"\x80")
+    if path.lower().endswith(_PICKLE_EXTENSIONS) or pickled:
         raise SingleFileError(
             f"{path} is a pickled PyTorch checkpoint: loading a pickle executes code stored in the "
             "file, so it is refused. Convert it to .safetensors with a trusted tool on a trusted "
