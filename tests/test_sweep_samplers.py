@@ -1,0 +1,126 @@
+"""The sampler sweep on a tiny trained digits model: its samples are the task's own (same x_T and
+sampler), its metrics equal the metrics module's on those samples, and every input it cannot run
+is an error before any sampling."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sweep_samplers as sweep_config
+from configs.reproduce import base
+from diffusion import data, metrics, samplers, schedules, tasks, train
+from diffusion.metrics import digits_classifier
+from diffusion.train_state import restore_ema
+from experiments import sweep_samplers, sweep_sources
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 4-step tiny eps digits run (the reproductions' runlocal model)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare("digits", data_dir)
+    cfg = base.digits_model("eps", runlocal=True)
+    cfg.data.data_dir = data_dir
+    wd = str(tmp_path_factory.mktemp("digits_eps"))
+    train.train(cfg, wd)
+    return wd, cfg, data_dir
+
+
+def _config(run, **keys):
+    c = sweep_config.get_config("runlocal")
+    c.checkpoint, c.data_dir = run[0], run[2]
+    for k, v in keys.items():
+        c[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def swept(run, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("sweep")
+    cfg = _config(run, methods="ddim,dpmpp_2m", nfes=(3,), guidance_scales=(1.0, 2.0),
+                  reference="dpmpp_2m@3", num_per_class=4, cache=False)  # fmt: skip
+    return wd, sweep_samplers.sweep(cfg, str(wd))
+
+
+def test_writes_report_json_plot(swept):
+    wd, s = swept
+    for name in ("report.md", "sweep.json", "metrics.jsonl", "quality_vs_nfe.png", "config.json"):
+        assert (wd / name).stat().st_size > 0, name
+    assert json.loads((wd / "sweep.json").read_text())["rows"] == json.loads(json.dumps(s["rows"]))
+    assert "digits-classifier features (not FID)" in (wd / "report.md").read_text()
+    assert len(s["rows"]) == 4 and s["num_samples"] == 40
+    for r in s["rows"]:
+        assert r["nfe"] == samplers.nfe(r["method"], r["num_steps"]) == 3
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and 0 <= r["accuracy"] <= 1
+        assert r["fd"] > 0 and r["fd_std"] > 0 and r["ms_per_sample"] > 0
+    # the reference is dpmpp_2m@3 itself: its rows are at distance 0, DDIM's are not
+    by = {(r["method"], r["guidance"]): r for r in s["rows"]}
+    assert by["dpmpp_2m", 1.0]["rms_to_reference"] == 0.0 == by["dpmpp_2m", 2.0]["rms_to_reference"]
+    assert by["ddim", 1.0]["rms_to_reference"] > 0
+
+
+def test_samples_and_metrics_match_an_independent_path(run, swept):
+    """The guided DDIM row again: task.sample (the evaluation path of eval_digits) from the same
+    seed, the committed classifier, metrics.frechet_distance / precision_recall directly."""
+    wd, cfg, data_dir = run
+    row = next(r for r in swept[1]["rows"] if (r["method"], r["guidance"]) == ("ddim", 2.0))
+    task = tasks.from_config(cfg)
+    model, _ = restore_ema(cfg, task, wd)
+    labels = jnp.repeat(jnp.arange(10, dtype=jnp.int32), 4)
+    x = task.sample(model, jax.random.key(0), {"class_labels": labels}, (40, 8, 8, 1),
+                    method="ddim", num_steps=3, guidance_scale=2.0)  # fmt: skip
+    x = np.clip(np.asarray(x), -1, 1)
+    features_fn, logits_fn = digits_classifier.load("benchmarks/results/digits_classifier")
+    real, _ = digits_classifier.real_digits("digits", "train", data_dir)
+    f_real, f = np.asarray(features_fn(real)), np.asarray(features_fn(x))
+    np.testing.assert_allclose(row["fd"], metrics.frechet_distance(f, f_real), rtol=1e-4)
+    acc = np.mean(np.argmax(np.asarray(logits_fn(x)), -1) == np.asarray(labels))
+    assert row["accuracy"] == pytest.approx(acc)
+    sub = f_real[np.random.default_rng(0).choice(len(f_real), 40, replace=False)]
+    pr = metrics.precision_recall(sub, f)
+    assert (row["precision"], row["recall"]) == pytest.approx((pr["precision"], pr["recall"]))
+
+
+def test_bad_inputs_fail_before_sampling(run, monkeypatch):
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before rejecting the input")
+
+    monkeypatch.setattr(sweep_sources.WorkdirSource, "generate", no_sampling)
+    cases = [
+        ({"methods": "ddim,not_a_sampler"}, "unknown sampler 'not_a_sampler'; valid"),
+        ({"methods": "ddim:etaa=1"}, "does not take options"),
+        ({"methods": "dpm_solver:order=4"}, r"order in \(1, 2, 3\)"),
+        ({"methods": "dpm_solver:order=3", "nfes": (2, 6)}, "needs NFE >= 3; the sweep asks"),
+        ({"grids": ("no_grid",)}, "unknown grid 'no_grid'"),
+        ({"nfes": (0,)}, "nfes must be integers >= 1"),
+        ({"reference": "ddpm@10"}, "deterministic"),
+        ({"guidance_scales": (-1.0,)}, "guidance scales must be >= 0"),
+        ({"train_config": "configs/digits_unet_eps.py:runlocal"}, "does not match this model"),
+    ]
+    for keys, match in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            sweep_samplers.sweep(_config(run, **keys))
+    with pytest.raises(ValueError, match="unconditional model has no guidance"):
+        sweep_samplers.check_guidance((1.0, 2.0), "none")
+    with pytest.raises(FileNotFoundError, match="neither a training workdir"):
+        sweep_samplers.sweep(_config(run, checkpoint=str(run[2])))
+
+
+def test_plan_picks_steps_on_the_grid():
+    sched = schedules.get("squaredcos_cap_v2")
+    c = sweep_config.get_config()
+    c.methods, c.nfes = "heun,dpm_solver:order=3,ddim", (9, 10)
+    got = {(s.label, s.nfe_target): s.num_steps for s in sweep_samplers.plan(c, sched)}
+    # heun: 2n - 1 NFE; singlestep order 3 on a grid ending at 0: 3n - 2
+    assert got == {("heun", 9): 5, ("heun", 10): 5, ("dpm_solver[order=3]", 9): 3,
+                   ("dpm_solver[order=3]", 10): 4, ("ddim", 9): 9, ("ddim", 10): 10}  # fmt: skip
+    assert len(sweep_samplers.plan(c, sched)) == 5  # heun at 9 and 10 NFE runs once
+
+
+def test_source_shapes(run):
+    src = sweep_sources.WorkdirSource(run[0], num_per_class=2, data_dir=run[2]).load()
+    assert src.kind == "class" and src.labels.tolist() == [c for c in range(10) for _ in (0, 1)]
+    assert src.step == 4 and src.shape == (8, 8, 1)
