@@ -109,6 +109,12 @@ def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path, guida
                 grid="trailing")  # fmt: skip
     assert want.shape == got.shape == (2, 32, 32, 3)
     assert np.abs(got - want).max() <= 2e-3
+    # Our pipelines read the same folder (its scheduler: DPMSolverMultistep, trailing).
+    from diffusion import pipelines
+
+    ours = pipelines.load(out).text_to_image(prompts, num_steps=4, guidance_scale=guidance,
+                                             latents=jnp.asarray(x_T))  # fmt: skip
+    assert np.abs(np.asarray(ours) - want).max() <= 2e-3
 
 
 def _ours(workdir, prompts, x_T, **sample_kw):

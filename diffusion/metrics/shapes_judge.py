@@ -59,6 +59,7 @@ from diffusion.metrics.shapes_captions import (  # noqa: F401  (public names of 
     parse_caption,
     score_readings,
 )
+from diffusion.data.shapes import COLORS, SHAPES  # noqa: F401  (the vocabulary the heads read)
 
 # ----------------------------------------------------------------------------- the network
 
