@@ -9,8 +9,8 @@ bootstrap std), precision / recall, class accuracy (digits runs) or the shapes j
 and FD in judge features (shapes text runs and diffusers pipeline folders), RMS distance to the
 reference solver from the same x_T, milliseconds per sample and compile seconds. Writes
 report.md, sweep.json, metrics.jsonl and quality_vs_nfe.png. The default (300 samples, 8 methods
-x 4 NFEs x 2 guidance scales + the reference) takes about 10 minutes on an idle 2-core CPU for the
-digits model of configs/digits_unet_eps.py.
+x 4 NFEs x 2 guidance scales + the reference) on the digits model of configs/digits_unet_eps.py
+is estimated at about 10 minutes on an idle 2-core CPU (not yet measured).
 
 Keys (leaf overrides, `--config.methods=ddim,dpmpp_2m --config.nfes='(10,20)'`):
   checkpoint        a training workdir (config.json + checkpoints/) or a pipeline folder

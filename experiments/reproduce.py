@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import sweep_samplers as sweep_config
-from diffusion import train
+from diffusion import checkpoint, train
 from diffusion.workdir import Workdir, markdown_table
 from experiments import reproduce_sampling, reproduce_training, sweep_samplers
 
@@ -66,6 +66,11 @@ class Context:
             json.dump(record, f)
         self.trained[path] = record | {"cached": False}
         return path
+
+    def checkpoint_steps(self, workdir: str) -> list[int]:
+        """The steps of a trained model's kept checkpoints (the min-SNR curve reads them all)."""
+        with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+            return ckpt.all_steps()
 
     def sweep(self, name: str, checkpoint: str, **keys) -> dict:
         """experiments/sweep_samplers.sweep of checkpoint with the claim's evaluation settings and
@@ -140,11 +145,16 @@ def run_quick(cfg, workdir: str) -> dict:
     rows = [{"claim": r["title"], "held": held[r["held"]], "seconds": r["seconds"],
              "verdict": r["sentence"]} for r in results.values()]  # fmt: skip
     total = time.perf_counter() - t0
+    first = cfg.claims[next(iter(results))]
+    runlocal = any(cfg.claims[n].runlocal for n in results)
     text = "\n\n".join([
         f"# {cfg.title}",
-        f"`python -m experiments.reproduce --config configs/reproduce/quick.py` ({total / 60:.1f} "
-        "minutes in all). Quality of digits samples is FD in digits-classifier features (not "
-        "FID), improved precision / recall and class accuracy of 300 samples; shapes samples "
+        *(["**runlocal**: tiny models trained for 4 steps and a few samples; these numbers "
+           "exercise the code and mean nothing."] if runlocal else []),
+        "`python -m experiments.reproduce --config configs/reproduce/quick.py"
+        f"{':runlocal' if runlocal else ''}` ({total / 60:.1f} minutes in all). Quality of "
+        "digits samples is FD in digits-classifier features (not FID), improved precision / "
+        f"recall and class accuracy of {10 * first.eval.num_per_class} samples; shapes samples "
         "are read by the shapes judge. Each section's numbers sit next to the paper's.",
         markdown_table(rows, ["claim", "held", "seconds", "verdict"], ".0f"),
         *[claim_report(r, "##", name) for name, r in results.items()],

@@ -106,9 +106,7 @@ def min_snr(cfg, ctx) -> dict:
     rows = []
     for name, model_cfg in cfg.models.items():
         wd = ctx.model(model_cfg)
-        with checkpoint.Checkpointer(os.path.join(wd, "checkpoints")) as ckpt:
-            steps = ckpt.all_steps()
-        for step in steps:
+        for step in ctx.checkpoint_steps(wd):
             s = ctx.sweep(f"{name}_{step}", wd, step=step, methods=cfg.method, nfes=(cfg.nfe,),
                           guidance_scales=(cfg.guidance,))  # fmt: skip
             rows.append(s["rows"][0] | {"model": name, "train_step": step})

@@ -51,6 +51,12 @@ class Setting:
     def label(self) -> str:
         return label(self.method, dict(self.options))
 
+    @property
+    def program(self) -> tuple:
+        """What the samples depend on (not the NFE target): a reference run of the same method
+        and steps as a swept setting reuses its compiled program and samples."""
+        return (self.method, self.options, self.grid, self.num_steps)
+
 
 def min_nfe(name: str, kw: dict) -> int:
     """The fewest NFE at which the method is what its name says: its order (the `order` option
@@ -171,7 +177,7 @@ def generate(source, s: Setting, scale: float, seed: int, cache: bool = True):
     import os
 
     n = (getattr(source, "num_per_class", None), source.num_per_prompt, source.num_prompts)
-    key = (os.path.realpath(source.workdir), source.step, s, scale, seed, n, source.kind)
+    key = (os.path.realpath(source.workdir), source.step, s.program, scale, seed, n, source.kind)
     if not cache:
         return source.generate(s, scale, seed)
     if key not in _SAMPLES:

@@ -106,7 +106,7 @@ class WorkdirSource:
 
         t, labels = self.task, None if self.labels is None else self.labels.tobytes()
         key = (nnx.graphdef(self.model), t.schedule, t.objective.prediction_type, t.conditioning,
-               t.sampling.clip_x0, labels, n, self.shape, s, scale != 1.0)  # fmt: skip
+               t.sampling.clip_x0, labels, n, self.shape, s.program, scale != 1.0)  # fmt: skip
         t0 = time.perf_counter()
         if key not in _PROGRAMS:
             _PROGRAMS[key] = jax.jit(fn).lower(self.params, guidance, rng).compile()

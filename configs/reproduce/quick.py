@@ -9,9 +9,10 @@ rectified-flow and min-SNR digits models at 2000 steps, the five SD3 variants at
 writes <workdir>/report.md: a verdict table, then each claim's numbers next to the paper's, its
 plot and its one-sentence verdict. `export` copies the reports, plots and JSON (not the models)
 there. Budget: at most 60 minutes on an idle 2-core CPU (training about 25 minutes, sampling and
-scoring the rest; each claim's seconds are in the report). Latent vs pixel needs the shapes
-runs' workdirs (`--config.claims.latent_vs_pixel.workdirs.ldm_unet=...`, see its config) and is
-"not run" without them. A rerun with the same workdir reuses trained models and retrains nothing.
+scoring the rest): an estimate, not yet measured; each claim's seconds are in the report.
+Latent vs pixel needs the shapes runs' workdirs
+(`--config.claims.latent_vs_pixel.workdirs.ldm_unet=...`, see its config) and is "not run"
+without them. A rerun with the same workdir reuses trained models and retrains nothing.
 `:runlocal` runs every claim's runlocal variant (tests).
 """
 
