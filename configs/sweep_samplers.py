@@ -22,6 +22,9 @@ Keys (leaf overrides, `--config.methods=ddim,dpmpp_2m --config.nfes='(10,20)'`):
   reference         'method[:options]@steps' for rms_to_reference ('' = none)
   classifier, judge the feature extractors' folders (committed under benchmarks/results/)
   image_size, dataset   pipeline folders only: generated size and the judge's dataset
+  exact_std, exact_schedule   checkpoint='exact:digits' only: no network, the exact denoiser of
+                    the digits train split (a mixture of N(image, exact_std^2 I)) under that
+                    schedule (experiments/sweep_sources.ExactDigitsSource)
 Variants: `runlocal` (two methods, small NFEs, 5 samples per class: for tests).
 """
 
@@ -57,6 +60,8 @@ def get_config(arg=None):
     c.data_dir = ""
     c.image_size = 32
     c.dataset = "shapes/32x32"
+    c.exact_std = 0.05
+    c.exact_schedule = "squaredcos_cap_v2"
     if v.runlocal:
         c.methods = "ddim,dpmpp_2m"
         c.nfes = (3, 6)

@@ -155,7 +155,8 @@ def _prepare(cfg):
         cfg.checkpoint, run_cfg, step, num_per_class=cfg.num_per_class,
         num_per_prompt=cfg.num_per_prompt, num_prompts=cfg.num_prompts,
         data_dir=cfg.data_dir or None,
-        image_size=cfg.image_size, dataset=cfg.dataset,
+        image_size=cfg.image_size, dataset=cfg.dataset, std=cfg.exact_std,
+        schedule=cfg.exact_schedule,
     )  # fmt: skip
     settings = plan(cfg, source.schedule)
     scales = check_guidance(cfg.guidance_scales, source.kind)

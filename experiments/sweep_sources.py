@@ -173,9 +173,75 @@ class PipelineSource:
         return np.stack(out), nfe, max(times[0] - run, 0.0), run * len(times)
 
 
+class ExactDigitsSource:
+    """The exact denoiser of the digits train split: a Gaussian mixture with one component
+    N(image, std^2 I) per training image (diffusion/analytic.py), class-conditional through the
+    components of the class, unconditional through all of them, guided as a network would be:
+    x0_u + s (x0_c - x0_u) (Ho & Salimans 2022, eq. 6 in x0 form). No network: the sampler sweep
+    on the exact score of digits data, the same scorer as a trained model's sweep."""
+
+    kind, dataset, step, num_per_prompt, num_prompts = "class", "digits", None, None, None
+
+    def __init__(self, *, num_per_class=30, std=0.05, schedule="squaredcos_cap_v2",
+                 data_dir=None):  # fmt: skip
+        from diffusion import schedules
+
+        self.workdir, self.cfg = f"exact:digits:std={std:g}", {}
+        self.schedule, self.std = schedules.get(schedule), std
+        self.num_per_class, self.data_dir = num_per_class, data_dir
+
+    def load(self):
+        from diffusion import analytic
+
+        x, y = digits_classifier.real_digits("digits", "train", self.data_dir)
+        self.shape = x.shape[1:]  # (S, S, 1)
+
+        def gmm(images):
+            k = len(images)
+            flat = images.reshape(k, -1)  # (K, D)
+            var = np.full_like(flat, self.std**2)
+            return analytic.GMM(np.full(k, 1.0 / k), flat, var, self.shape)
+
+        self.classes = [gmm(x[y == c]) for c in range(10)]
+        self.all = gmm(x)
+        self.labels = np.repeat(np.arange(10, dtype=np.int32), self.num_per_class)  # (N,)
+        return self
+
+    def denoise(self, x_t, t, scale):
+        """Exact x0_hat of a class-major batch x_t (10 * n, S, S, 1), guided at `scale`."""
+        n = self.num_per_class
+        cond = jnp.concatenate([g.denoise(x_t[c * n:(c + 1) * n], t, self.schedule)
+                                for c, g in enumerate(self.classes)])  # fmt: skip
+        if scale == 1.0:
+            return cond
+        uncond = self.all.denoise(x_t, t, self.schedule)
+        return uncond + scale * (cond - uncond)
+
+    def generate(self, s, scale, seed: int):
+        """(images (N, S, S, 1) in [-1, 1], NFE, compile s, run s)."""
+        from diffusion import samplers
+
+        def fn(key):
+            x_T = samplers.prior(self.schedule, jax.random.fold_in(key, 0),
+                                 (len(self.labels), *self.shape))  # fmt: skip
+            return samplers.sample(lambda x, t: self.denoise(x, t, scale), x_T, self.schedule,
+                                   method=s.method, num_steps=s.num_steps, grid=s.grid,
+                                   rng=jax.random.fold_in(key, 1), return_info=True,
+                                   **dict(s.options))  # fmt: skip
+
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(jax.random.key(seed)).compile()
+        compile_s = time.perf_counter() - t0
+        (x, info), run_s = _timed(compiled, jax.random.key(seed))
+        return np.clip(np.asarray(x), -1.0, 1.0), int(info["nfe"]), compile_s, run_s
+
+
 def source_for(path, cfg=None, step=None, **kw):
-    """A WorkdirSource (path holds config.json or cfg is given) or a PipelineSource (path holds
-    model_index.json)."""
+    """A WorkdirSource (path holds config.json or cfg is given), a PipelineSource (path holds
+    model_index.json) or the ExactDigitsSource (path 'exact:digits')."""
+    if path == "exact:digits":
+        keep = ("num_per_class", "data_dir", "std", "schedule")
+        return ExactDigitsSource(**{k: v for k, v in kw.items() if k in keep})
     if os.path.exists(os.path.join(path, "model_index.json")):
         keep = ("num_per_prompt", "image_size", "dataset", "data_dir", "num_prompts")
         return PipelineSource(path, **{k: v for k, v in kw.items() if k in keep})
@@ -184,7 +250,8 @@ def source_for(path, cfg=None, step=None, **kw):
             f"{path} is neither a training workdir (config.json) nor a diffusers pipeline folder "
             "(model_index.json)"
         )
-    kw.pop("image_size", None), kw.pop("dataset", None)
+    for key in ("image_size", "dataset", "std", "schedule"):
+        kw.pop(key, None)
     return WorkdirSource(path, cfg, step, **kw)
 
 

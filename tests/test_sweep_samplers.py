@@ -135,3 +135,30 @@ def test_plan_picks_steps_on_the_grid():
     # singlestep order 3 on a grid ending at 0: 3n - 2
     assert got == {("heun", 9): 5, ("dpm_solver[order=3]", 9): 3,
                    ("dpm_solver[order=3]", 10): 4, ("ddim", 9): 9, ("ddim", 10): 10}  # fmt: skip
+
+
+def test_exact_digits_denoiser_is_the_mixture_posterior_mean(run):
+    """ExactDigitsSource's x0_hat against a float64 NumPy posterior mean over the training
+    images (x_t | image ~ N(alpha image, (alpha^2 std^2 + sigma^2) I)), conditional on each
+    row's class and guided at scale 2 with the unconditional mean over all images."""
+    src = sweep_sources.source_for("exact:digits", num_per_class=2, data_dir=run[2], std=0.1,
+                                   schedule="squaredcos_cap_v2").load()  # fmt: skip
+    x, y = digits_classifier.real_digits("digits", "train", run[2])
+    t, sched = 0.4, src.schedule
+    alpha, sigma = float(sched.alpha(t)), float(sched.sigma(t))
+    x_t = np.random.default_rng(0).normal(size=(20, 8, 8, 1))  # rows 2c, 2c + 1: class c
+
+    def posterior_mean(xt, images):  # (B, D), (K, D) -> (B, D)
+        d2 = ((xt[:, None] - alpha * images[None]) ** 2).sum(-1)  # (B, K)
+        logw = -0.5 * d2 / (alpha**2 * 0.1**2 + sigma**2)
+        w = np.exp(logw - logw.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)
+        shrink = alpha * 0.1**2 / (alpha**2 * 0.1**2 + sigma**2)
+        return w @ images + shrink * (xt - alpha * (w @ images))
+
+    flat, xt = x.reshape(len(x), -1).astype(np.float64), x_t.reshape(20, -1)
+    cond = np.concatenate([posterior_mean(xt[2 * c : 2 * c + 2], flat[y == c]) for c in range(10)])
+    uncond = posterior_mean(xt, flat)
+    for scale, want in ((1.0, cond), (2.0, uncond + 2 * (cond - uncond))):
+        got = np.asarray(src.denoise(jnp.asarray(x_t, jnp.float32), t, scale)).reshape(20, -1)
+        np.testing.assert_allclose(got, want, atol=2e-4)
