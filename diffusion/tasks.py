@@ -124,9 +124,10 @@ class DiffusionTask:
         return denoise
 
     def sample(self, model, rng, cond, shape, *, method, num_steps, guidance_scale=1.0, grid=None,
-               x_T=None):  # fmt: skip
+               x_T=None, **options):  # fmt: skip
         """Samples (shape) from x_T (default: drawn from the prior at t_max with rng), with the
-        given sampler, grid and guidance."""
+        given sampler, grid and guidance; `options` go to samplers.sample (the method's options
+        such as eta or order, and return_info)."""
         denoise = self.denoiser(model, cond, guidance_scale)
         if x_T is None:
             x_T = samplers.prior(self.schedule, jax.random.fold_in(rng, 0), shape)
@@ -138,6 +139,7 @@ class DiffusionTask:
             num_steps=num_steps,
             rng=jax.random.fold_in(rng, 1),
             grid=grid,
+            **options,
         )
 
     def sample_grid(self, model, rng, example: dict):

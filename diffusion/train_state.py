@@ -69,6 +69,7 @@ def restore_ema(cfg, task, workdir: str, step: int | None = None):
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     abstract = sharding.abstract_state(init_fn, mesh, min_size=cfg.get("fsdp_min_size", 2**16))
     with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+        ckpt.check_compatible(abstract)  # another model config: name the mismatched parameter
         restored = ckpt.restore(step, abstract_state=abstract)
     state = restored.state
     return nnx.merge(graphdef, state["ema"], state["rest"]), restored.step

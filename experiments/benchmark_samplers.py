@@ -45,12 +45,16 @@ def label(name: str, kw: dict) -> str:
 
 def steps_for_nfe(name: str, kw: dict, target: int, grid_fn) -> int | None:
     """Largest num_steps whose exact NFE on grid_fn(num_steps) is <= target (None if even 1 step
-    needs more)."""
-    best = None
-    for n in range(1, target + 1):
-        if samplers.nfe(name, n, grid=grid_fn(n), **kw) <= target:
-            best = n
-    return best
+    needs more). NFE never decreases with num_steps, so a bisection over 1..target finds it
+    with O(log target) grids (each new grid size compiles the schedule's interpolation)."""
+    fits = lambda n: samplers.nfe(name, n, grid=grid_fn(n), **kw) <= target  # noqa: E731
+    if target < 1 or not fits(1):
+        return None
+    lo, hi = 1, target  # fits(lo); the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def run_one(gmm, schedule, cfg, name, kw, num_steps, x_T, rng, t_end):

@@ -56,21 +56,30 @@ def train_captions(name: str, data_dir=None) -> list[str]:
     return [source[i]["caption"].decode() for i in range(len(source))]
 
 
-def generate(task, model, shape, prompts, num_per_prompt, rng, *, method, num_steps, guidance,
-             grid):  # fmt: skip
-    """(len(prompts), num_per_prompt, H, W, 3) images in [-1, 1] from samples of `shape`
-    (h, w, c: latents or pixels); one compiled program serves every prompt."""
-    graphdef, params = nnx.split(model)
-    ids = np.asarray(task.conditioning.tokenizer(prompts))  # (P, L)
-    x = tuple(shape)
+def prompt_program(task, model, shape, num_per_prompt, *, method, num_steps, guidance, grid,
+                   **options):  # fmt: skip
+    """fn(params, ids (L,), key) -> num_per_prompt samples of `shape` (h, w, c) for one prompt's
+    token ids, jitted: one compiled program serves every prompt. `options` go to the sampler."""
+    graphdef = nnx.graphdef(model)
 
     @jax.jit
     def fn(params, ids_p, key):
         cond = {"input_ids": jnp.broadcast_to(ids_p, (num_per_prompt, ids_p.shape[-1]))}
-        return task.sample(nnx.merge(graphdef, params), key, cond, (num_per_prompt, *x),
+        return task.sample(nnx.merge(graphdef, params), key, cond, (num_per_prompt, *shape),
                            method=method, num_steps=num_steps, guidance_scale=guidance,
-                           grid=grid)  # fmt: skip
+                           grid=grid, **options)  # fmt: skip
 
+    return fn
+
+
+def generate(task, model, shape, prompts, num_per_prompt, rng, *, method, num_steps, guidance,
+             grid):  # fmt: skip
+    """(len(prompts), num_per_prompt, H, W, 3) images in [-1, 1] from samples of `shape`
+    (h, w, c: latents or pixels); one compiled program serves every prompt."""
+    params = nnx.state(model)
+    ids = np.asarray(task.conditioning.tokenizer(prompts))  # (P, L)
+    fn = prompt_program(task, model, tuple(shape), num_per_prompt, method=method,
+                        num_steps=num_steps, guidance=guidance, grid=grid)  # fmt: skip
     out = []
     for p in range(len(prompts)):
         z = fn(params, ids[p], jax.random.fold_in(rng, p))

@@ -1,0 +1,1 @@
+"""One config per published claim (experiments/reproduce.py); quick.py runs them all."""
