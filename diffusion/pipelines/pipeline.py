@@ -21,7 +21,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import samplers, sharding
-from diffusion.pipelines import extras, generation, images, programs, prompts, quantize, schedulers
+from diffusion.pipelines import (
+    adapters,
+    extras,
+    generation,
+    images,
+    programs,
+    prompts,
+    quantize,
+    schedulers,
+)
 
 COMPONENTS = (
     "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -29,7 +38,7 @@ COMPONENTS = (
 )  # fmt: skip
 
 
-class Pipeline(generation.Generation, extras.Extras):
+class Pipeline(generation.Generation, extras.Extras, adapters.Adapters):
     """Base class; see StableDiffusionPipeline / StableDiffusionXLPipeline /
     StableDiffusion3Pipeline for the prompt assembly of each family."""
 
