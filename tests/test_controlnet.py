@@ -3,17 +3,19 @@ cross-attention; SDXL-style with text_time embeddings, linear projections, two t
 layers, BGR control order and guess mode), random weights everywhere (zero convolutions too):
 down and mid residuals, and the controlled U-Net's prediction vs diffusers' ControlNet + U-Net
 pair, to <= 1e-4 relative. from_unet copies the encoder and zeroes the residuals as diffusers'
-does; save_diffusers writes a folder ControlNetModel.from_pretrained reads; bad input."""
+does; save_diffusers writes a folder ControlNetModel.from_pretrained reads. A
+StableDiffusionControlNetPipeline folder loads with pipelines.load and draws diffusers' images
+(same latents, control image and scale, guidance 5). Bad input."""
 
 import diffusers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from _pipeline_fixtures import _randomize
+from _pipeline_fixtures import SD_SCHEDULER, _randomize, sd_folder  # noqa: F401
 from flax import nnx
 
-from diffusion import models
+from diffusion import models, pipelines
 from diffusion.models.controlnet import ControlledUNet, ControlNetModel
 
 TOL = 1e-4
@@ -74,7 +76,11 @@ def test_controlnet_and_controlled_unet_match_diffusers(name, tmp_path):
     x, t, ctx, image, added = _inputs(name, ours.cond_factor)
     guess = name == "sdxl"
     kw = dict(conditioning_scale=0.7, guess_mode=guess)
-    tx, tt, tc = torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(ctx)
+    tx, tt, tc = (
+        torch.from_numpy(x.transpose(0, 3, 1, 2)),
+        torch.from_numpy(t),
+        torch.from_numpy(ctx),
+    )
     tadded = None if added is None else {k: torch.from_numpy(v) for k, v in added.items()}
     with torch.no_grad():
         down, mid = cn(tx, tt, tc, controlnet_cond=torch.from_numpy(image.transpose(0, 3, 1, 2)),
@@ -138,9 +144,43 @@ def test_bad_input():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         conditioning_embedding_out_channels=(8, 16)), rngs=nnx.Rngs(0))  # fmt: skip
     x, t, ctx, image, _ = _inputs("sd1", 2)
-    with pytest.raises(ValueError, match=r"controlnet_cond has shape \(2, 8, 8, 3\).*\(2, 16, 16, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"controlnet_cond has shape \(2, 8, 8, 3\).*\(2, 16, 16, 3\)"
+    ):
         net(jnp.asarray(x), t, ctx, controlnet_cond=image[:, :8, :8])
     with pytest.raises(ValueError, match="channel_order"):
         models.controlnet.ControlNetConfig(controlnet_conditioning_channel_order="rgba")
     with pytest.raises(ValueError, match="UNetMidBlock2DCrossAttn"):
         models.controlnet.ControlNetConfig(mid_block_type="UNetMidBlock2D")
+
+
+def test_pipeline_matches_diffusers(sd_folder, tmp_path):  # noqa: F811
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    torch.manual_seed(0)
+    cn = _randomize(diffusers.ControlNetModel.from_unet(
+        ref.unet, conditioning_embedding_out_channels=(8, 16)), 3, scale=0.5)  # fmt: skip
+    scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False)
+    ref = diffusers.StableDiffusionControlNetPipeline(**{**ref.components, "scheduler": scheduler},
+                                                      controlnet=cn)  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(tmp_path / "cn_pipe")
+    ours = pipelines.load(str(tmp_path / "cn_pipe"))
+    assert isinstance(ours.controlnet, ControlNetModel)
+    rs = np.random.RandomState(4)
+    latents = rs.randn(2, 8, 8, 4).astype(np.float32)
+    control = (rs.uniform(0, 1, (1, 16, 16, 3)) > 0.5).astype(np.float32)  # a mask, batch of 1
+    prompts, kw = ["a photo of a cat", "a red dog"], dict(guidance_scale=5.0)
+    want = ref(prompts, image=torch.from_numpy(control.transpose(0, 3, 1, 2)),
+               controlnet_conditioning_scale=0.6, num_inference_steps=3, output_type="np",
+               latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)), **kw).images  # fmt: skip
+    got = ours.text_to_image(prompts, control_image=control, controlnet_conditioning_scale=0.6,
+                             num_steps=3, latents=latents, **kw)  # fmt: skip
+    diff = float(np.abs(got - want).max())
+    print(f"ControlNet pipeline: max abs diff {diff:.1e}")
+    assert got.shape == want.shape == (2, 16, 16, 3) and diff <= 2e-3
+    with pytest.raises(ValueError, match=r"control_image has shape \(1, 8, 8, 3\)"):
+        ours.text_to_image(prompts, control_image=control[:, :8, :8], height=16, width=16)
+    with pytest.raises(ValueError, match="needs control_image"):
+        ours.text_to_image(prompts, num_steps=2)
+    with pytest.raises(ValueError, match="needs a ControlNet pipeline"):
+        ours.with_controlnet(None).text_to_image(prompts, control_image=control, num_steps=2)

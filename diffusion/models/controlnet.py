@@ -194,7 +194,12 @@ class ControlNetModel(nnx.Module):
         conditioning_scale=1.0, class_labels=None, added_cond_kwargs=None, guess_mode=False,
     ):  # fmt: skip
         cfg, f = self.config, self.cond_factor
-        want = (sample.shape[0], sample.shape[1] * f, sample.shape[2] * f, cfg.conditioning_channels)
+        want = (
+            sample.shape[0],
+            sample.shape[1] * f,
+            sample.shape[2] * f,
+            cfg.conditioning_channels,
+        )
         if tuple(controlnet_cond.shape) != want:
             raise ValueError(
                 f"controlnet_cond has shape {tuple(controlnet_cond.shape)}; this ControlNet "

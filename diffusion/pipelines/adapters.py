@@ -1,4 +1,4 @@
-"""LoRA on pipelines, with diffusers' names (diffusion/adapters/ does the work).
+"""LoRA and ControlNet on pipelines, with diffusers' names (diffusion/adapters/ does the work).
 
     pipe.load_lora_weights("style.safetensors", adapter_name="style", scale=1.0)
     pipe.load_lora_weights("kohya_subject.safetensors")          # stacks "default_1"
@@ -9,9 +9,21 @@
 After `load_lora_weights`, `pipe.unet(...)` / `pipe.transformer(...)` / `pipe.text_encoder(...)`
 are the adapted models. A file may hold any of the pipeline's unet / transformer /
 text_encoder[_2] components, in diffusers / PEFT or kohya (A1111) format (adapters/files.py).
+
+    pipe = pipe.with_controlnet(models.load_diffusers("controlnet_folder"))
+    images = pipe.text_to_image("a cat", control_image=edges, controlnet_conditioning_scale=0.8)
+
+A ControlNet pipeline's denoiser is the U-Net with the ControlNet's residuals added
+(models.controlnet.ControlledUNet); the control image, NHWC in [0, 1] (or uint8) at the output
+size, goes with both the conditional and unconditional passes, as diffusers'
+StableDiffusionControlNetPipeline (guess_mode=False).
 """
 
 from __future__ import annotations
+
+import copy
+
+import numpy as np
 
 from diffusion.adapters import files, lora
 
@@ -102,3 +114,37 @@ class Adapters:
     def save_lora_weights(self, path: str, adapter_name: str = lora.DEFAULT_ADAPTER) -> str:
         """Write one adapter of every component as a file diffusers' load_lora_weights reads."""
         return files.save_lora(path, self._lora_models(), adapter_name)
+
+    # ------------------------------------------------------------------ ControlNet
+    def with_controlnet(self, controlnet):
+        """The same components steered by `controlnet` (a models.ControlNetModel; None
+        removes it)."""
+        if controlnet is not None and self.unet is None:
+            raise ValueError("a ControlNetModel steers a U-Net; this pipeline has a transformer")
+        other = copy.copy(self)
+        other.controlnet, other._split, other._placed = controlnet, {}, {}
+        return other
+
+    def _control(self, cond, uncond, image, scale, batch: int, height: int, width: int):
+        """cond / uncond with the control image (B, H, W, C) and per-example scale (B,)."""
+        net = getattr(self, "controlnet", None)
+        if (image is None) != (net is None):
+            raise ValueError("control_image needs a ControlNet pipeline (with_controlnet) and "
+                             "a ControlNet pipeline needs control_image")  # fmt: skip
+        if image is None:
+            return cond, uncond
+        arr = np.asarray(image)
+        arr = arr[None] if arr.ndim == 3 else arr
+        arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+        want = (height, width, net.config.conditioning_channels)
+        if arr.ndim != 4 or arr.shape[1:] != want or arr.shape[0] not in (1, batch):
+            raise ValueError(
+                f"control_image has shape {arr.shape}; expected (B, H, W, C) = ({batch}, "
+                f"{want[0]}, {want[1]}, {want[2]}) (or a batch of one): the output size and the "
+                "ControlNet's conditioning_channels"
+            )
+        if arr.min() < 0.0 or arr.max() > 1.0:
+            raise ValueError("control_image values must lie in [0, 1] (float) or be uint8")
+        extra = {"controlnet_cond": np.broadcast_to(arr, (batch, *want)),
+                 "conditioning_scale": np.full((batch,), scale, np.float32)}  # fmt: skip
+        return cond | extra, None if uncond is None else uncond | extra

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import samplers, sharding
+from diffusion.models.controlnet import ControlledUNet
 from diffusion.pipelines import (
     adapters,
     extras,
@@ -34,7 +35,7 @@ from diffusion.pipelines import (
 
 COMPONENTS = (
     "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
-    "tokenizer", "tokenizer_2", "tokenizer_3",
+    "tokenizer", "tokenizer_2", "tokenizer_3", "controlnet",
 )  # fmt: skip
 
 
@@ -62,6 +63,8 @@ class Pipeline(generation.Generation, extras.Extras, adapters.Adapters):
     # ------------------------------------------------------------------ properties
     @property
     def denoiser(self):
+        if self.controlnet is not None:  # a fresh wrapper each time: the split is cached
+            return ControlledUNet(self.unet, self.controlnet)
         return self.unet if self.unet is not None else self.transformer
 
     @property
