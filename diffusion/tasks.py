@@ -104,14 +104,20 @@ class DiffusionTask:
 
     def denoiser(self, model, cond, guidance_scale=1.0):
         """denoise_fn(x_t, t) -> x0_hat for the samplers; classifier-free guidance (one batched
-        [uncond, cond] network call per evaluation) when cond is given."""
+        [uncond, cond] network call per evaluation) when cond is given. The condition is encoded
+        once (text encoders run outside the sampling loop)."""
         s, ptype = self.schedule, self.objective.prediction_type
-        fn = lambda x, mt, c: self.model_fn(model, x, mt, c)
+        net, encode = self.conditioning.denoiser(model), self.conditioning.kwargs
+
+        def fn(x, model_time, kwargs):
+            return net(x, timestep=jnp.broadcast_to(model_time, (x.shape[0],)), **kwargs)
+
         if cond is None:
-            denoise = predictions.as_denoiser(lambda x, mt: fn(x, mt, None), s, ptype)
+            denoise = predictions.as_denoiser(lambda x, mt: fn(x, mt, {}), s, ptype)
         else:
-            null = jax.tree.map(lambda n: n[None], self.conditioning.null())
-            denoise = guidance.cfg_denoiser(fn, s, ptype, cond, null, guidance_scale)
+            null = jax.tree.map(lambda n: n[None], self.conditioning.null())  # batch of 1
+            kw, kw_null = encode(model, cond), encode(model, null)
+            denoise = guidance.cfg_denoiser(fn, s, ptype, kw, kw_null, guidance_scale)
         if self.sampling.clip_x0 is not None:  # pixel data in [-1, 1]: diffusers' clip_sample
             lo, hi = self.sampling.clip_x0
             return lambda x, t: jnp.clip(denoise(x, t), lo, hi)

@@ -78,6 +78,33 @@ def generate(task, model, shape, prompts, num_per_prompt, rng, *, method, num_st
     return np.stack(out)
 
 
+def _flops(fn, *args) -> float:
+    return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+
+
+def flops_per_sample(task, model, shape, setting) -> dict:
+    """XLA's FLOP count of generating one image: prompt encoding (prompt and empty prompt), NFE
+    guided network evaluations (batch 2 when guided), the VAE decode (latent models)."""
+    from diffusion import samplers
+
+    guided = setting["guidance_scale"] != 1.0
+    ids = jnp.asarray(task.conditioning.tokenizer(["a red circle at the center"]))  # (1, L)
+    null = jax.tree.map(lambda n: n[None], task.conditioning.null())
+    encode = lambda i: task.conditioning.kwargs(model, {"input_ids": i})
+    kw = encode(ids)
+    kws = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kw, encode(null["input_ids"]))
+    kws = kws if guided else kw
+    x = jnp.zeros((2 if guided else 1, *shape))
+    net = task.conditioning.denoiser(model)
+    call = lambda x, k: net(x, timestep=jnp.full((x.shape[0],), 500.0), **k)
+    nfe = samplers.nfe(setting["method"], setting["num_steps"])
+    out = {"encode": _flops(encode, jnp.concatenate([ids, null["input_ids"]])),
+           "network_call": _flops(call, x, kws), "nfe": nfe}  # fmt: skip
+    out["decode"] = _flops(task.to_pixels, jnp.zeros((1, *shape))) if task.latents else 0.0
+    out["total"] = out["encode"] + nfe * out["network_call"] + out["decode"]
+    return out
+
+
 def score(judge, samples, prompts, real) -> dict:
     """Judge scores of (P, N, H, W, 3) samples for prompts [(prompt, group)]: adherence overall,
     per group and per prompt, per-attribute accuracy, FD in judge features to `real` images (and
@@ -142,7 +169,8 @@ def evaluate(
     scores = score(shapes_judge.load(judge_path), samples, prompts, real)
     adherent = scores.pop("adherent")
     result = {"checkpoint_step": int(step), "sampler": setting, "num_prompts": len(text),
-              "num_per_prompt": num_per_prompt, **scores}  # fmt: skip
+              "num_per_prompt": num_per_prompt, **scores,
+              "flops_per_sample": flops_per_sample(task, model, shape, setting)}  # fmt: skip
     if write:
         stem = os.path.join(workdir, "eval_text2img")
         images.save_prompt_grid(samples, text, adherent, stem + ".png")

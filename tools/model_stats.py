@@ -6,6 +6,12 @@ python -m tools.model_stats --out stats.json
     of the lowered program (abstract shapes: nothing is allocated or compiled). The VAE row
     is the decoder (latents -> image), the usual inference cost.
 
+python -m tools.model_stats --checkpoint model.safetensors [--out stats.json]
+    A single-file (A1111 / Civitai) checkpoint: the detected architecture (sd1, sd2, sdxl,
+    sdxl-refiner; inpainting from the U-Net's input channels), and per component (U-Net, VAE,
+    text encoders, EMA copy) its key prefix, tensor and parameter counts and stored dtypes,
+    read from the file's header only (nothing is loaded).
+
 python -m tools.model_stats --bench --out bench.json [--runs 5]
     For a small shared config per family: forward wall time of our jitted module vs the
     diffusers/transformers PyTorch module with the same weights on this CPU (median of
@@ -118,6 +124,47 @@ def preset_stats(name: str, batch: int = 1) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def checkpoint_stats(path: str) -> dict:
+    """Architecture and per-component parameter counts / dtypes of a single-file checkpoint
+    (header only). SD2's text encoder row counts the file's tensors, incl. the last OpenCLIP
+    block and text_projection that diffusers' 23-layer text encoder does not use."""
+    from diffusion.pipelines import single_file, single_file_layout
+
+    handle = single_file.open_checkpoint(path)
+    keys = list(handle.keys())
+    det = single_file_layout.detect(keys, lambda k: handle.get_slice(k).get_shape(), path)
+    groups = [(c.name, c.prefix) for c in det.arch.components]
+    groups.append(("ema", single_file_layout.EMA_PREFIX))
+    rows, seen = [], set()
+    for name, prefix in groups:
+        mine = [k for k in keys if k.startswith(prefix)
+                and not single_file_layout.NOT_WEIGHTS.fullmatch(k)]  # fmt: skip
+        if not mine:
+            continue
+        seen |= set(mine)
+        rows.append(_row(handle, name, prefix, mine))
+    other = [k for k in keys if k not in seen]
+    if other:
+        rows.append(_row(handle, "not weights / other", "", other))
+    return {"file": path, "arch": det.arch.name, "pipeline": det.pipeline,
+            "unet_in_channels": det.in_channels, "has_ema": det.has_ema, "rows": rows}  # fmt: skip
+
+
+def _row(handle, name: str, prefix: str, keys: list[str]) -> dict:
+    params, dtypes = 0, {}
+    for k in keys:
+        tensor = handle.get_slice(k)
+        params += math.prod(tensor.get_shape())
+        dtype = str(tensor.get_dtype())
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    dtypes = " ".join(f"{d}:{n}" for d, n in sorted(dtypes.items()))
+    return {"component": name, "prefix": prefix + "*", "tensors": len(keys), "params": params,
+            "dtypes": dtypes}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- benchmark
 
 # Small shared configs: one per family, big enough that compute dominates overheads.
@@ -217,6 +264,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bench", action="store_true", help="CPU speed: ours vs PyTorch")
+    parser.add_argument("--checkpoint", default=None, help="a single-file checkpoint to describe")
     parser.add_argument(
         "--presets", nargs="*", default=None, help=f"subset of {list(presets.PRESETS)}"
     )
@@ -225,6 +273,16 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=5, help="--bench timed runs (median)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    if args.checkpoint:
+        stats = checkpoint_stats(args.checkpoint)
+        ema = "yes" if stats["has_ema"] else "no"
+        print(f"{stats['file']}: {stats['arch']} ({stats['pipeline']}), U-Net input channels "
+              f"{stats['unet_in_channels']}, EMA copy: {ema}")  # fmt: skip
+        print(_table(stats["rows"], ["component", "prefix", "tensors", "params", "dtypes"]))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(stats, f, indent=2)
+        return stats
     if args.bench:
         rows = [bench_family(f, args.batch, args.runs) for f in args.families]
         cols = ["family", "class", "params", "input", "ours_ms", "torch_ms", "torch_over_ours"]

@@ -35,7 +35,9 @@ class ControlNetConditioned(conditioning.TextConditioned):
 
 
 class _WithControl(NamedTuple):
-    """A model and the control images of the batch it is about to see."""
+    """A model and the control images (B, H, W, 3) of the batch it is about to see: what the
+    task's conditioning reads (`text_encoder[_2]`, `denoiser`), with the denoiser the
+    ControlNet-steered U-Net, control images tiled to x_t's batch (which guidance doubles)."""
 
     model: ControlNetConditioned
     control: jax.Array
@@ -43,6 +45,21 @@ class _WithControl(NamedTuple):
     @property
     def text_encoder(self):
         return self.model.text_encoder
+
+    @property
+    def text_encoder_2(self):
+        return self.model.text_encoder_2
+
+    @property
+    def denoiser(self):
+        unet = ControlledUNet(self.model.denoiser, self.model.controlnet)
+
+        def fn(x, timestep, **kwargs):
+            reps = x.shape[0] // self.control.shape[0]
+            control = jnp.concatenate([self.control] * reps)  # (B', H, W, 3)
+            return unet(x, timestep, controlnet_cond=control, **kwargs)
+
+        return fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +103,6 @@ class ControlNetTask(tasks.DiffusionTask):
         size = out["x"].shape[1] * self.factor
         control = concepts.control_images(batch, size, self.layout_size)
         return {**out, "control": control.astype(np.float32)}
-
-    def model_fn(self, model, x_t, model_time, cond):
-        """The controlled U-Net's prediction; `model` is a _WithControl (control images tiled
-        to x_t's batch, which classifier-free guidance doubles)."""
-        net, control = model.model, model.control
-        control = jnp.concatenate([control] * (x_t.shape[0] // control.shape[0]))  # (B', ...)
-        t = jnp.broadcast_to(model_time, (x_t.shape[0],))
-        kwargs = self.conditioning.kwargs(net, cond)
-        unet = ControlledUNet(net.denoiser, net.controlnet)
-        return unet(x_t, t, controlnet_cond=control, **kwargs)
 
     def loss(self, model, batch, rng):
         text = {k: v for k, v in batch.items() if k != "control"}

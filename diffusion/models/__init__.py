@@ -96,35 +96,42 @@ class _LazyTensor:
 
     def __init__(self, handle, key: str):
         self._handle, self._key = handle, key
-        self.shape = tuple(handle.get_slice(key).get_shape())
+        tensor = handle.get_slice(key)
+        self.shape = tuple(tensor.get_shape())
+        self.stored_dtype = str(tensor.get_dtype())  # safetensors name: F32, F16, BF16...
 
     def __array__(self, dtype=None, copy=None):
         array = self._handle.get_tensor(self._key)
         return array if dtype is None else array.astype(dtype)
 
 
-def _weight_files(path: str) -> list[str]:
-    """The safetensors files of a folder: single file, or the shards listed in the index."""
+def _weight_files(path: str, variant: str | None = None) -> list[str]:
+    """The safetensors files of a folder: single file, or the shards listed in the index.
+
+    variant ("fp16", "bf16"...): diffusers' variant names, `<stem>.<variant>.safetensors` and
+    `<stem>.safetensors.index.<variant>.json`."""
+    tag = f".{variant}" if variant else ""
     for stem in _WEIGHT_STEMS:
-        single = os.path.join(path, f"{stem}.safetensors")
-        index = os.path.join(path, f"{stem}.safetensors.index.json")
+        single = os.path.join(path, f"{stem}{tag}.safetensors")
+        index = os.path.join(path, f"{stem}.safetensors.index{tag}.json")
         if os.path.exists(single):
             return [single]
         if os.path.exists(index):
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             return [os.path.join(path, s) for s in shards]
-    raise FileNotFoundError(
-        f"no {' / '.join(s + '.safetensors[.index.json]' for s in _WEIGHT_STEMS)} in {path}"
-    )
+    found = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".json")))
+    wanted = " / ".join(f"{s}{tag}.safetensors[.index{tag}.json]" for s in _WEIGHT_STEMS)
+    hint = "" if variant else " (variant files need variant=, e.g. variant='fp16')"
+    raise FileNotFoundError(f"no {wanted} in {path}; found {found}{hint}")
 
 
-def read_state_dict(path: str) -> dict[str, _LazyTensor]:
+def read_state_dict(path: str, variant: str | None = None) -> dict[str, _LazyTensor]:
     """Lazy torch state dict of a diffusers/transformers folder (tensors read on use)."""
     from safetensors import safe_open
 
     state = {}
-    for file in _weight_files(path):
+    for file in _weight_files(path, variant):
         handle = safe_open(file, framework="np")
         state.update({key: _LazyTensor(handle, key) for key in handle.keys()})  # noqa: SIM118
     return state
@@ -178,19 +185,26 @@ def build_abstract(cls: type, config: Any, *, dtype=jnp.float32, param_dtype=jnp
 
 
 def load_diffusers(
-    path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, strict: bool = True
+    path: str,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    strict: bool = True,
+    variant: str | None = None,
 ) -> nnx.Module:
     """Read a diffusers (``_class_name``) or transformers (``architectures``) model folder.
 
     The module is built abstractly and then filled tensor by tensor, so a full-size model is
-    held in memory once (plus one tensor). Raises ``convert.StateDictError`` naming every
-    missing / unexpected / mis-shaped tensor.
+    held in memory once (plus one tensor); stored fp16 / bf16 tensors are cast to
+    ``param_dtype``. ``variant`` reads diffusers' variant files (``variant="fp16"``:
+    ``diffusion_pytorch_model.fp16.safetensors``, sharded ``...safetensors.index.fp16.json``).
+    Raises ``convert.StateDictError`` naming every missing / unexpected / mis-shaped tensor.
     """
     config_dict = read_config(path)
     cls, config_cls = get_model(class_name(config_dict))
     config = config_cls.from_diffusers(config_dict)
     model = build_abstract(cls, config, dtype=dtype, param_dtype=param_dtype)
-    convert.load_torch_state_dict(model, read_state_dict(path), strict=strict)
+    convert.load_torch_state_dict(model, read_state_dict(path, variant), strict=strict)
     return model
 
 

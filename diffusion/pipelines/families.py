@@ -66,13 +66,22 @@ FAMILIES = {
 
 
 def load(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, scheduler: dict | None = None,
-         mesh=None) -> Pipeline:  # fmt: skip
+         mesh=None, variant: str | None = None, vae: str | None = None) -> Pipeline:  # fmt: skip
     """A pipeline object from a diffusers pipeline folder (see loading.py for the layout).
 
     scheduler: a scheduler_config.json dict replacing the folder's (as diffusers'
-    `scheduler=` argument); mesh: a sharding mesh (default: the batch over all devices).
+    `scheduler=` argument); mesh: a sharding mesh (default: the batch over all devices);
+    variant: diffusers' weight variant ("fp16", "bf16"; loaded into `param_dtype`); vae: a VAE
+    folder or single file replacing the folder's (single_file.load_vae).
     """
-    index, parts, configs = loading.load_components(path, dtype=dtype, param_dtype=param_dtype)
+    skip = ("vae",) if vae is not None else ()
+    index, parts, configs = loading.load_components(
+        path, dtype=dtype, param_dtype=param_dtype, variant=variant, skip=skip
+    )
+    if vae is not None:
+        from diffusion.pipelines.single_file import load_vae
+
+        parts["vae"] = load_vae(vae, configs.get("vae"), dtype=dtype, param_dtype=param_dtype)
     config = scheduler or loading.read_json(path, "scheduler", "scheduler_config.json")
     try:
         spec = schedulers.from_config(config)

@@ -6,7 +6,8 @@ latents), plus `method` / `grid` / `sampler_options` (any of samplers.SAMPLERS a
 = the folder's scheduler) and `rng` (a jax key or int seed; default key 0). Random draws
 are split from rng in a fixed layout (noise, image posterior, masked-image posterior,
 sampler), and each can be given explicitly (`latents` / `noise`, `image_noise`,
-`masked_image_noise`: NHWC standard normals at the latent size) to reproduce diffusers'
+`masked_image_noise`: NHWC standard normals at the latent size; `sampler_noises`: a stochastic
+method's `noises` option, e.g. (num_steps, B, h, w, C)) to reproduce diffusers'
 torch-generator draws. guidance_scale <= 1 runs no unconditional pass (as diffusers).
 """
 
@@ -26,7 +27,7 @@ class Generation:
         guidance_scale=None, guidance_rescale=0.0, method=None, grid=None, rng=None,
         latents=None, num_images_per_prompt=1, clip_skip=None, sampler_options=None,
         output="image", conditioning=None, control_image=None,
-        controlnet_conditioning_scale=1.0, **kw,
+        controlnet_conditioning_scale=1.0, sampler_noises=None, **kw,
     ):  # fmt: skip
         """Images (B, H, W, 3) in [0, 1] from noise; latents as diffusers' `latents` (scaled by
         the scheduler's init_noise_sigma as there). conditioning=(cond, uncond) skips the text
@@ -50,13 +51,15 @@ class Generation:
             init_scale=self.scheduler.init_scale(ts), output=output,
         )  # fmt: skip
         inputs = {"cond": cond, "noise": noise} | ({"uncond": uncond} if setting.guided else {})
+        inputs |= _sampler_noises(sampler_noises)
         return self._output(self._execute(setting, inputs, scale, keys[3], batch), output)
 
     def image_to_image(
         self, prompt=None, image=None, *, strength=0.8, noise=None, image_noise=None,
         image_latents=None, negative_prompt=None, num_steps=50, guidance_scale=None,
         guidance_rescale=0.0, method=None, grid=None, rng=None, num_images_per_prompt=1,
-        clip_skip=None, sampler_options=None, output="image", conditioning=None, **kw,
+        clip_skip=None, sampler_options=None, output="image", conditioning=None,
+        sampler_noises=None, **kw,
     ):  # fmt: skip
         """SDEdit (Meng et al. 2022): encode `image` (float [0, 1] or uint8, (B, H, W, 3)),
         add `noise` at the grid time int(num_steps * strength) steps from the end, denoise.
@@ -91,6 +94,7 @@ class Generation:
             method, options, ts, "uncond" in inputs, guidance_rescale, from_noise=False,
             encode=pixels is not None, output=output,
         )  # fmt: skip
+        inputs |= _sampler_noises(sampler_noises)
         return self._output(self._execute(setting, inputs, scale, keys[3], batch), output)
 
     def inpaint(
@@ -98,7 +102,7 @@ class Generation:
         image_noise=None, masked_image_noise=None, negative_prompt=None, num_steps=50,
         guidance_scale=None, guidance_rescale=0.0, method=None, grid=None, rng=None,
         num_images_per_prompt=1, clip_skip=None, sampler_options=None, output="image",
-        conditioning=None, **kw,
+        conditioning=None, sampler_noises=None, **kw,
     ):  # fmt: skip
         """Repaint where mask = 1 ((B, H, W[, 1]) in [0, 1], binarized at 0.5). A U-Net with
         in_channels = 2 * latent + 1 (SD inpainting, 9 channels) sees [x, mask, masked-image
@@ -140,6 +144,7 @@ class Generation:
             encode="image" in inputs, inpaint=mode, output=output,
             init_scale=self.scheduler.init_scale(full),
         )  # fmt: skip
+        inputs |= _sampler_noises(sampler_noises)
         return self._output(self._execute(setting, inputs, scale, keys[3], batch), output)
 
     # ------------------------------------------------------------------ helpers
@@ -183,3 +188,8 @@ class Generation:
         if output not in ("image", "latent"):
             raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
         return np.asarray(out, np.float32) if output == "image" else out
+
+
+def _sampler_noises(noises) -> dict:
+    """A stochastic sampler's injected normals as a program input (sample() checks the shape)."""
+    return {} if noises is None else {"sampler_noises": np.asarray(noises, np.float32)}

@@ -105,14 +105,15 @@ def _check_weights(folder: str, component: str) -> None:
             ) from e
 
 
-def load_network(path: str, component: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
+def load_network(path: str, component: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 variant: str | None = None):  # fmt: skip
     """One network component (unet, vae, text_encoder...) with models.load_diffusers."""
     folder = os.path.join(path, component)
     if not os.path.exists(os.path.join(folder, "config.json")):
         raise PipelineLoadError(f"component {component!r}: no config.json in {folder}")
     _check_weights(folder, component)
     try:
-        return models.load_diffusers(folder, dtype=dtype, param_dtype=param_dtype)
+        return models.load_diffusers(folder, dtype=dtype, param_dtype=param_dtype, variant=variant)
     except Exception as e:
         raise PipelineLoadError(f"component {component!r} ({folder}): {e}") from e
 
@@ -142,8 +143,12 @@ def read_json(path: str, component: str, name: str) -> dict[str, Any]:
         raise PipelineLoadError(f"component {component!r}: cannot read {file}: {e}") from e
 
 
-def load_components(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
-    """(model_index, {component: module / tokenizer / None}, {component: raw config.json})."""
+def load_components(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                    variant: str | None = None, skip: tuple[str, ...] = ()):  # fmt: skip
+    """(model_index, {component: module / tokenizer / None}, {component: raw config.json}).
+
+    variant: diffusers' weight variant ("fp16", "bf16"); skip: networks whose config is read but
+    whose weights are not loaded (their entry is None: the caller supplies them)."""
     index = read_model_index(path)
     parts, configs = {}, {}
     for name, cls in components_of(index).items():
@@ -151,7 +156,11 @@ def load_components(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32):
             parts[name] = None
         elif name in NETWORKS:
             configs[name] = read_json(path, name, "config.json")
-            parts[name] = load_network(path, name, dtype=dtype, param_dtype=param_dtype)
+            parts[name] = (
+                None
+                if name in skip
+                else load_network(path, name, dtype=dtype, param_dtype=param_dtype, variant=variant)
+            )
         elif name in TOKENIZERS:
             parts[name] = load_tokenizer(path, name, cls)
         else:

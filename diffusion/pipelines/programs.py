@@ -180,9 +180,12 @@ def generate(setting: Setting, graphdefs, states, inputs: dict, scale, rng):
     if setting.inpaint == "replace":
         keep = 1.0 - inputs["mask"]
         denoise = _replace_known(denoise, sched, float(ts[0]), z0, noise, keep)
+    options = dict(setting.options)
+    if "sampler_noises" in inputs:  # a stochastic method's per-step normals (its `noises`)
+        options["noises"] = inputs["sampler_noises"]
     x0 = samplers.sample(
         denoise, x.astype(jnp.float32), sched, method=setting.method,
-        num_steps=len(setting.ts) - 1, grid=ts, rng=rng, **dict(setting.options),
+        num_steps=len(setting.ts) - 1, grid=ts, rng=rng, **options,
     )  # fmt: skip
     if keep is not None:
         x0 = keep * z0 + (1 - keep) * x0

@@ -5,35 +5,46 @@ a method name from `samplers.SAMPLERS` (plus options) and an explicit grid of co
 (schedules.py: t = (k + 1) / N for DDPM timestep k, t = t_from_sigma for flow). The grid is
 computed the way each diffusers class's `set_timesteps` computes its timesteps and sigmas, so
 the same model function and x_T give diffusers' samples (tests/test_pipelines_schedulers.py
-checks every class and spacing against `set_timesteps`).
+checks every class and spacing against `set_timesteps`, and runs the tiny SD pipeline against
+diffusers' with each scheduler whose method has no other pipeline test).
 
-    diffusers class                   method (options)                          fallback
-    DDIMScheduler                     ddim                                      -
-    DDPMScheduler                     ddpm (variance)                           -
-    PNDMScheduler                     pndm                                      dpm_solver_multistep
-    LMSDiscreteScheduler              lms                                       dpmpp_2m
-    EulerDiscreteScheduler            euler                                     -
-    EulerAncestralDiscreteScheduler   euler_ancestral                           ddim (eta=1)
-    HeunDiscreteScheduler             heun                                      -
-    DPMSolverMultistepScheduler       dpmpp_multistep / dpm_solver_multistep /  -
-                                      sde_dpmpp_2m (algorithm_type, order, ...)
-    DPMSolverSinglestepScheduler      dpmpp_singlestep / dpm_solver             -
+    diffusers class                   method (options)                                  grid
+    DDIMScheduler                     ddim                                              ddim
+    DDPMScheduler                     ddpm (variance)                                   ddim
+    PNDMScheduler                     pndm (PRK warm-up); plms if skip_prk_steps        ddim
+    LMSDiscreteScheduler              lms (order=4, diffusers' step default)            kdiff
+    EulerDiscreteScheduler            euler                                             kdiff
+    EulerAncestralDiscreteScheduler   euler_ancestral (eta=1)                           kdiff
+    HeunDiscreteScheduler             heun                                              kdiff
+    DPMSolverSDEScheduler             dpmpp_sde                                         kdiff
+    DPMSolverMultistepScheduler       dpmpp_multistep / dpm_solver_multistep (order,    multistep
+                                      solver_type, lower_order_final, euler_at_final);
+                                      sde-dpmsolver++: sde_dpmpp_2m (its order rules)
+    DPMSolverSinglestepScheduler      dpmpp_singlestep / dpm_solver                     multistep
                                       (order, intermediate="grid")
-    UniPCMultistepScheduler           unipc (order, variant, lower_order_final)  -
-    DEISMultistepScheduler            deis                                      dpm_solver_multistep
-    FlowMatchEulerDiscreteScheduler   euler (on the rectified-flow schedule)    -
+    UniPCMultistepScheduler           unipc (order, variant, lower_order_final)         multistep
+    DEISMultistepScheduler            deis (order=solver_order, lower_order_final)      multistep
+    LCMScheduler                      lcm (timestep_scaling)                            lcm
+    FlowMatchEulerDiscreteScheduler   euler (on the rectified-flow schedule)            flow
 
-A method missing from `samplers.SAMPLERS` is replaced by its fallback with a warning naming both
-(euler_ancestral's fallback, DDIM with eta = 1, is the same ancestral step in sigma / alpha
-space: x0_hat + sigma_down eps_hat + sigma_up z). Grid families:
+thresholding=True (Saharia et al. 2022) adds `thresholding`, `dynamic_thresholding_ratio` and
+`sample_max_value` to the options of the data-prediction methods (Method.data_prediction:
+dpmpp_multistep, sde_dpmpp_2m, dpmpp_singlestep, lcm), where diffusers thresholds x0_hat before
+the update exactly as samplers.sample's denoiser wrapper; for the others it is warned and ignored.
+The stochastic methods (euler_ancestral, dpmpp_sde, sde_dpmpp_2m, lcm) draw their normals from
+the pipeline's rng, diffusers from its torch generator (DPMSolverSDE: a torchsde Brownian tree
+seeded by noise_sampler_seed, ignored here): equal in law; a pipeline call's `sampler_noises`
+(the method's `noises` option) feeds a reference's draws. Grid families:
 
     ddim       DDIM / DDPM / PNDM: integer timesteps, num_steps points (linspace rounded,
                leading with steps_offset, trailing); last step to t = 0, or to timestep 0
                (t = 1/N) when set_alpha_to_one is False.
     multistep  DPM-Solver / UniPC / DEIS: linspace(0, N-1, num_steps + 1)[:-1] style spacings;
                final_sigmas_type "zero" (t = 0) or "sigma_min" (t = 1/N); Karras sigmas.
-    kdiff      Euler / Euler-a / Heun / LMS (k-diffusion style): fractional timesteps, sigma
-               interpolated linearly in the timestep; Karras sigmas; last sigma 0.
+    kdiff      Euler / Euler-a / Heun / LMS / DPM-SDE (k-diffusion style): fractional timesteps,
+               sigma interpolated linearly in the timestep; Karras sigmas; last sigma 0.
+    lcm        LCM: num_steps of the original_inference_steps distillation timesteps (samplers'
+               "lcm" grid), then t = 0.
     flow       FlowMatchEuler: sigmas linspace(1, shift(1/N)) shifted again (as diffusers).
 
 x_T: diffusers scales its `latents` by `init_noise_sigma` into its own state; the k-diffusion
@@ -42,8 +53,11 @@ state x = alpha x0 + sigma eps: init_noise_sigma * alpha(t_0) for kdiff (1 with 
 spacing, sigma(t_0) with "linspace" / "trailing"), 1 for the others.
 
 Not exact: Karras sigmas (the network sees model_time of the exact sigma, diffusers the rounded
-or log-interpolated timestep); DDIM/DDPM "linspace" steps to k - N // num_steps in diffusers,
-not to the next grid timestep.
+or log-interpolated timestep); DDIM/DDPM/PNDM "linspace" steps, and PNDM "trailing" steps when
+num_steps does not divide N, go to k - N // num_steps in diffusers, not to the next grid timestep
+("leading", SD1's, is exact); PNDM's PRK midpoint is timestep k - (N // num_steps) // 2, ours
+the exact midpoint (equal when N // num_steps is even); sde-dpmsolver++ of order 1 or 3 and
+sde-dpmsolver run sde_dpmpp_2m (warned).
 """
 
 from __future__ import annotations
@@ -61,9 +75,9 @@ from diffusion import samplers, schedules
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    family: str  # grid family: ddim | multistep | kdiff | flow
+    family: str  # grid family: ddim | multistep | kdiff | lcm | flow
     method: Any  # str, or cfg -> (method, options)
-    fallback: tuple[str, dict] | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # with a str method
     defaults: tuple[tuple[str, Any], ...] = ()  # the class's own defaults where they differ
 
 
@@ -95,12 +109,20 @@ def _dpm_multistep(cfg):
     if algorithm == "dpmsolver":
         return "dpm_solver_multistep", {"order": order, **opts}
     if algorithm in ("sde-dpmsolver++", "sde-dpmsolver"):
+        # sde_dpmpp_2m is diffusers' sde-dpmsolver++ order 2 with its order rules (dpmpp_2m_sde
+        # is k-diffusion's: no lower_order_final); diffusers' order 3 has a sign slip
+        # (samplers/dpm_multistep.py), order 1 and the noise-prediction SDE are not here.
         if algorithm == "sde-dpmsolver" or order != 2:
             warnings.warn(
-                f"DPMSolverMultistep {algorithm} order {order}: using sde_dpmpp_2m", stacklevel=3
+                f"DPMSolverMultistep {algorithm} order {order} is not implemented: using "
+                "sde_dpmpp_2m (sde-dpmsolver++ order 2)",
+                stacklevel=3,
             )
         return "sde_dpmpp_2m", opts
-    raise ValueError(f"DPMSolverMultistepScheduler algorithm_type {algorithm!r} is not supported")
+    raise ValueError(
+        f"DPMSolverMultistepScheduler algorithm_type {algorithm!r}: supported "
+        "dpmsolver++, dpmsolver, sde-dpmsolver++, sde-dpmsolver"
+    )
 
 
 def _dpm_singlestep(cfg):
@@ -128,25 +150,42 @@ def _unipc(cfg):
     }
 
 
+def _pndm(cfg):
+    return ("plms" if cfg.get("skip_prk_steps") else "pndm"), {}
+
+
+def _deis(cfg):
+    # diffusers turns algorithm_type dpmsolver(++) into deis and every solver_type into logrho
+    return "deis", {
+        "order": int(cfg.get("solver_order", 2)),
+        "lower_order_final": bool(cfg.get("lower_order_final", True)),
+    }
+
+
+def _lcm(cfg):
+    return "lcm", {"timestep_scaling": float(cfg.get("timestep_scaling", 10.0))}
+
+
 SCHEDULERS: dict[str, Entry] = {
-    "DDIMScheduler": Entry("ddim", "ddim", None, _LEADING),
-    "DDPMScheduler": Entry("ddim", _ddpm, None, _LEADING),
-    "PNDMScheduler": Entry(
-        "ddim", "pndm", ("dpm_solver_multistep", {}), (*_LEADING, ("set_alpha_to_one", False))
-    ),
-    "LMSDiscreteScheduler": Entry("kdiff", "lms", ("dpmpp_2m", {})),
+    "DDIMScheduler": Entry("ddim", "ddim", (), _LEADING),
+    "DDPMScheduler": Entry("ddim", _ddpm, (), _LEADING),
+    "PNDMScheduler": Entry("ddim", _pndm, (), (*_LEADING, ("set_alpha_to_one", False))),
+    "LMSDiscreteScheduler": Entry("kdiff", "lms", (("order", 4),)),
     "EulerDiscreteScheduler": Entry("kdiff", "euler"),
-    "EulerAncestralDiscreteScheduler": Entry("kdiff", "euler_ancestral", ("ddim", {"eta": 1.0})),
+    "EulerAncestralDiscreteScheduler": Entry("kdiff", "euler_ancestral", (("eta", 1.0),)),
     "HeunDiscreteScheduler": Entry("kdiff", "heun"),
+    "DPMSolverSDEScheduler": Entry("kdiff", "dpmpp_sde"),
     "DPMSolverMultistepScheduler": Entry("multistep", _dpm_multistep),
     "DPMSolverSinglestepScheduler": Entry("multistep", _dpm_singlestep),
     "UniPCMultistepScheduler": Entry("multistep", _unipc),
     "DEISMultistepScheduler": Entry(  # DEIS always ends at timestep 0
-        "multistep", "deis", ("dpm_solver_multistep", {}), (("final_sigmas_type", "sigma_min"),)
+        "multistep", _deis, (), (("final_sigmas_type", "sigma_min"),)
     ),
+    "LCMScheduler": Entry("lcm", _lcm),
     "FlowMatchEulerDiscreteScheduler": Entry("flow", "euler"),
 }
-# Options that would change results and that nothing here implements.
+# Options that would change results and that nothing here implements (thresholding: only for
+# the data-prediction methods, see from_config).
 _UNSUPPORTED = {
     "thresholding": True, "clip_sample": True, "use_exponential_sigmas": True,
     "use_beta_sigmas": True, "use_lu_lambdas": True, "use_flow_sigmas": True,
@@ -282,6 +321,14 @@ def _grid_kdiff(spec, n):
     return k, np.concatenate([sig, [last]])
 
 
+def _grid_lcm(spec, n):
+    """LCMScheduler.set_timesteps: the samplers' "lcm" grid (its timesteps are table points)."""
+    original = int(spec.get("original_inference_steps", 50))
+    ts = np.asarray(samplers.time_grid(spec.schedule, "lcm", n, original_inference_steps=original))
+    k = np.round(ts[:-1] * spec.schedule.num_train_timesteps - 1.0)
+    return k, np.concatenate([_table_sigmas(spec)[k.astype(int)], [0.0]])
+
+
 def _grid_flow(spec, n):
     shift, n_train = spec.schedule.shift, spec.schedule.num_train_timesteps
     shifted = lambda s: shift * s / (1 + (shift - 1) * s)
@@ -293,6 +340,7 @@ _GRIDS = {
     "ddim": _grid_ddim,
     "multistep": _grid_multistep,
     "kdiff": _grid_kdiff,
+    "lcm": _grid_lcm,
     "flow": _grid_flow,
 }
 
@@ -300,31 +348,27 @@ _GRIDS = {
 # ----------------------------------------------------------------------------- from config
 
 
-def _check_config(cfg: dict):
+def _check_config(cfg: dict, supported=()):
     bad = []
     for key, value in _UNSUPPORTED.items():
         v = cfg.get(key)
-        if v is None or v is False:
+        if v is None or v is False or key in supported:
             continue
         if value == "any" or v == value:
             bad.append(f"{key}={v!r}")
     if bad:
-        msg = f"scheduler options not implemented here, ignored: {', '.join(bad)}"
+        msg = f"{cfg.get('_class_name')} options not implemented here, ignored: {', '.join(bad)}"
         warnings.warn(msg, stacklevel=3)
 
 
 def _resolve(entry: Entry, cfg: dict) -> tuple[str, dict]:
-    method, options = entry.method(cfg) if callable(entry.method) else (entry.method, {})
-    if method not in samplers.SAMPLERS:
-        if entry.fallback is None:
-            raise ValueError(f"method {method!r} is not in samplers.SAMPLERS")
-        fallback, options = entry.fallback
-        warnings.warn(
-            f"{cfg.get('_class_name')}: sampler {method!r} is not available; using the closest "
-            f"one, {fallback!r} {options or ''}",
-            stacklevel=3,
-        )
-        method = fallback
+    """(method, options) of a config; dynamic thresholding where the method takes it."""
+    if callable(entry.method):
+        method, options = entry.method(cfg)
+    else:
+        method, options = entry.method, dict(entry.options)
+    if cfg.get("thresholding") and samplers.get(method).data_prediction:
+        options |= {k: type(v)(cfg.get(k, v)) for k, v in samplers.THRESHOLDING.items()}
     return method, options
 
 
@@ -335,10 +379,10 @@ def from_config(cfg: dict) -> SchedulerSpec:
         raise ValueError(f"unsupported scheduler {name!r}; supported: {sorted(SCHEDULERS)}")
     entry = SCHEDULERS[name]
     cfg = {**dict(entry.defaults), **cfg}
-    _check_config(cfg)
     if cfg.get("timestep_spacing", "linspace") not in ("linspace", "leading", "trailing"):
         raise ValueError(f"timestep_spacing {cfg['timestep_spacing']!r} is not supported")
     method, options = _resolve(entry, cfg)
+    _check_config(cfg, supported=options)
     prediction = "velocity" if entry.family == "flow" else cfg.get("prediction_type", "epsilon")
     frozen = tuple(sorted((k, _freeze(v)) for k, v in cfg.items()))
     return SchedulerSpec(
