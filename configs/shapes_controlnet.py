@@ -5,13 +5,15 @@ starts as a copy of the U-Net's encoder with zero convolutions and is the only p
 captions are dropped 10% of the time as in the base's training, the control never.
 
     python -m experiments.train --config configs/shapes_controlnet.py \\
-        --config.controlnet.base=/tmp/shapes_ldm_unet --workdir /tmp/shapes_controlnet
-    python -m experiments.eval_finetune --workdir /tmp/shapes_controlnet
+        --config.controlnet.base=/work/runs/shapes_ldm_unet --workdir /work/runs/shapes_controlnet
+    python -m experiments.eval_finetune --workdir /work/runs/shapes_controlnet
 
 eval_finetune draws samples for test-split captions with and without their layout as control
 and reports the mean IoU of each sample's foreground with the layout mask (the controlled
 samples should score far higher), plus the judge's adherence to the captions. Results:
 benchmarks/results/shapes_controlnet/ once run. `:runlocal` trains 6 steps on shapes/tiny.
+NOT YET WRITTEN: experiments/eval_finetune.py (the measures it is to use are in
+diffusion/adapters/concepts.py); until it exists, the train command alone runs.
 """
 
 import ml_collections

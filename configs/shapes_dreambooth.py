@@ -4,11 +4,11 @@ images, with or without the prior-preservation loss on 200 class images ("a squa
 the base model generates; LoRA (default) or full U-Net fine-tuning.
 
     python -m experiments.train --config configs/shapes_dreambooth.py:prior=true \\
-        --config.finetune.base=/tmp/shapes_ldm_unet --workdir /tmp/shapes_db_prior
+        --config.finetune.base=/work/runs/shapes_ldm_unet --workdir /work/runs/shapes_db_prior
     python -m experiments.train --config configs/shapes_dreambooth.py:prior=false \\
-        --config.finetune.base=/tmp/shapes_ldm_unet --workdir /tmp/shapes_db_noprior
-    python -m experiments.eval_finetune --workdir /tmp/shapes_db_prior
-    python -m experiments.eval_finetune --workdir /tmp/shapes_db_noprior
+        --config.finetune.base=/work/runs/shapes_ldm_unet --workdir /work/runs/shapes_db_noprior
+    python -m experiments.eval_finetune --workdir /work/runs/shapes_db_prior
+    python -m experiments.eval_finetune --workdir /work/runs/shapes_db_noprior
     (add ,method=full to both for full fine-tuning)
 
 eval_finetune measures the share of samples of 16 "a sks square ..." prompts that show the
@@ -17,6 +17,8 @@ prompts and on the 32 standard prompts (prior preservation should keep these nea
 the difference between the two runs is its measured benefit), and how often plain "a square
 ..." prompts drift to the subject. Results: benchmarks/results/shapes_dreambooth/ once run.
 `:runlocal` trains 6 steps (4 class images when prior=true).
+NOT YET WRITTEN: experiments/eval_finetune.py (the measures it is to use are in
+diffusion/adapters/concepts.py); until it exists, the train command alone runs.
 """
 
 import ml_collections

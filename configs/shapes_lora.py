@@ -5,8 +5,8 @@ feed-forward layers and the CLIP encoder's attention (only the adapters train; t
 frozen and out of the checkpoints).
 
     python -m experiments.train --config configs/shapes_lora.py \\
-        --config.finetune.base=/tmp/shapes_ldm_unet --workdir /tmp/shapes_lora
-    python -m experiments.eval_finetune --workdir /tmp/shapes_lora
+        --config.finetune.base=/work/runs/shapes_ldm_unet --workdir /work/runs/shapes_lora
+    python -m experiments.eval_finetune --workdir /work/runs/shapes_lora
 
 The base is the shapes_ldm_unet workdir (or its exported diffusers folder). eval_finetune
 measures, for the fine-tuned and the base model: the share of samples of 16 purple-shape prompts
@@ -15,6 +15,8 @@ the 32 standard evaluation prompts (experiments/eval_text2img.py), which should 
 of the base's. It also writes the adapters as a diffusers LoRA file (lora/), which
 `StableDiffusionPipeline.load_lora_weights` reads on the exported base folder. Results: see
 benchmarks/results/shapes_lora/ once run. `:runlocal` trains 6 steps on 8 images (tests).
+NOT YET WRITTEN: experiments/eval_finetune.py (the measures it is to use are in
+diffusion/adapters/concepts.py); until it exists, the train command alone runs.
 """
 
 import ml_collections

@@ -81,6 +81,7 @@ def train(cfg, workdir: str) -> dict:
         shardings = jax.tree.map(lambda a: a.sharding, abstract)
         frozen = frozen_weights(task, cfg.seed, mesh, min_size)
         frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+        counts = {"trained_params": _size(abstract["params"]), "frozen_params": _size(frozen)}
 
         # ---- step
         jitted = jax.jit(
@@ -116,8 +117,13 @@ def train(cfg, workdir: str) -> dict:
         # ---- loop
         next_batch = lambda: sharding.make_global_batch(task.prepare_batch(next(it)), mesh)
         summary = _loop(cfg, wd, task, ckpt, step_fn, sample_fn, next_batch, it, state, start)
+    summary |= counts
     write_report(wd, cfg, summary)
     return summary
+
+
+def _size(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def _pipeline(source, batch_size, seed):
@@ -236,6 +242,8 @@ def write_report(wd: Workdir, cfg, s: dict) -> None:
         "",
         f"steps {s['start_step']} -> {s['steps']}; final loss (mean of last 10): {s['final_loss']}",
         f"checkpoints: {s['checkpoints']}",
+        f"parameters: {s['trained_params']} trained, {s['frozen_params']} frozen (not in "
+        "checkpoints)",
         f"samples: samples_{s['steps']:06d}.png ({cfg.sample.method}, "
         f"{cfg.sample.num_steps} steps)",
     ]
