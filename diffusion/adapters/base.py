@@ -81,3 +81,19 @@ def load_base(path: str, step: int | None = None, sampling: tasks.Sampling | Non
 def flat_params(model, prefix: tuple = ()) -> dict[tuple, object]:
     """{path: array} of a model's nnx.Params (paths prefixed by `prefix`)."""
     return {prefix + p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def task_fields(cfg, section: str) -> dict:
+    """The fields of a fine-tuning task from config section `section` (finetune, controlnet):
+    the base task's fields (schedule, objective, conditioning, latents, with the config's
+    sampling) plus base_path and base_step."""
+    c = cfg[section]
+    if not c.get("base"):
+        raise ValueError(
+            f"{section} needs its base model: --config.{section}.base=PATH (a text-to-image "
+            "training workdir or a diffusers pipeline folder)"
+        )
+    sampling = tasks.Sampling.from_config(cfg.sample)
+    base_task, _ = load_base(c.base, c.get("base_step"), sampling)
+    fields = {f.name: getattr(base_task, f.name) for f in dataclasses.fields(base_task)}
+    return fields | {"base_path": c.base, "base_step": c.get("base_step")}

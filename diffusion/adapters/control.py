@@ -125,16 +125,8 @@ def from_config(cfg) -> ControlNetTask:
     """The ControlNet training task of a config with task="controlnet"
     (configs/shapes_controlnet.py)."""
     c = cfg.controlnet
-    if not c.get("base"):
-        raise ValueError(
-            "ControlNet training needs its base model: --config.controlnet.base=PATH "
-            "(a text-to-image training workdir or a diffusers pipeline folder)"
-        )
-    sampling = tasks.Sampling.from_config(cfg.sample)
-    base_task, _ = base.load_base(c.base, c.get("base_step"), sampling)
-    fields = {f.name: getattr(base_task, f.name) for f in dataclasses.fields(base_task)}
     return ControlNetTask(
-        **fields, base_path=c.base, base_step=c.get("base_step"),
+        **base.task_fields(cfg, "controlnet"),
         embedding_channels=tuple(c.get("conditioning_embedding_out_channels", (16, 32))),
         layout_size=64 if cfg.data.name.endswith("64x64") else 32,
     )  # fmt: skip

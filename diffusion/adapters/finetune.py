@@ -220,13 +220,6 @@ def _targets(section) -> tuple:
 def from_config(cfg) -> FineTuneTask:
     """The fine-tuning task of a config with task="finetune" (see configs/shapes_lora.py)."""
     f = cfg.finetune
-    if not f.get("base"):
-        raise ValueError(
-            "fine-tuning needs its base model: --config.finetune.base=PATH (a "
-            "text-to-image training workdir or a diffusers pipeline folder)"
-        )
-    sampling = tasks.Sampling.from_config(cfg.sample)
-    base_task, _ = base.load_base(f.base, f.get("base_step"), sampling)
     lo = f.get("lora", {})
     spec = LoRASpec(
         rank=lo.get("rank", 4),
@@ -234,9 +227,8 @@ def from_config(cfg) -> FineTuneTask:
         dropout=lo.get("dropout", 0.0),
         targets=_targets(lo.get("targets", {"unet": LoRASpec.targets[0][1]})),
     )
-    fields = {fd.name: getattr(base_task, fd.name) for fd in dataclasses.fields(base_task)}
     return FineTuneTask(
-        **fields, base_path=f.base, base_step=f.get("base_step"), method=f.get("method", "lora"),
+        **base.task_fields(cfg, "finetune"), method=f.get("method", "lora"),
         lora=spec, train_text_encoder=f.get("train_text_encoder", False),
         concept=Concept(**dict(f.concept)), prior=Prior(**dict(f.get("prior", {}))),
     )  # fmt: skip
