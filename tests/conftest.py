@@ -23,9 +23,9 @@ import pytest  # noqa: E402  (after the environment above, before jax is importe
 
 
 @pytest.fixture(scope="session")
-def tiny_ldm(tmp_path_factory, worker_id):
+def tiny_ldm(tmp_path_factory):
     """The tiny VAE + latent U-Net run shared by test_ldm.py and test_adapters_train.py
     (_ldm_fixtures.py): (vae workdir, ldm workdir, data_dir, summary)."""
     from _ldm_fixtures import tiny_ldm_runs
 
-    return tiny_ldm_runs(tmp_path_factory, worker_id)
+    return tiny_ldm_runs(tmp_path_factory, os.environ.get("PYTEST_XDIST_WORKER", "master"))
