@@ -71,34 +71,35 @@ def test_eval_text2img_scores_with_the_judge(runs):
     assert json.loads((ldm_dir / "eval_text2img.json").read_text())["adherence"] == r["adherence"]
 
 
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path, guidance):
+def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path):
     """diffusers' StableDiffusionPipeline on the exported folder, given our initial latents and
-    the exported DPMSolverMultistepScheduler (trailing), draws the images we draw (<= 2e-3)."""
+    the exported DPMSolverMultistepScheduler (trailing), draws the images we draw (<= 2e-3), at
+    guidance 1 (no unconditional pass) and 3; our pipelines, reading the folder, draw them too."""
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from diffusion import pipelines
     from tools import export_pipeline
 
     _, ldm_dir, _, _ = runs
     out = export_pipeline.export(str(ldm_dir), str(tmp_path / "pipe"))
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    ours_pipe = pipelines.load(out)
     prompts = ["a red circle at the center on a black background", "a purple hexagon"]
-    rng = np.random.default_rng(0)
-    x_T = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
-    with torch.no_grad():
-        want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, output_type="np",
-                    latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2))).images  # fmt: skip
-    got = _ours(ldm_dir, prompts, x_T, method="dpmpp_2m", num_steps=4, guidance_scale=guidance,
-                grid="trailing")  # fmt: skip
-    assert want.shape == got.shape == (2, 32, 32, 3)
-    assert np.abs(got - want).max() <= 2e-3
-    # Our pipelines read the same folder (its scheduler: DPMSolverMultistep, trailing).
-    from diffusion import pipelines
-
-    ours = pipelines.load(out).text_to_image(prompts, num_steps=4, guidance_scale=guidance,
-                                             latents=jnp.asarray(x_T))  # fmt: skip
-    assert np.abs(np.asarray(ours) - want).max() <= 2e-3
+    x_T = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    for guidance in (1.0, 3.0):
+        with torch.no_grad():
+            want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance,
+                        output_type="np",
+                        latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2))).images  # fmt: skip
+        got = _ours(ldm_dir, prompts, x_T, method="dpmpp_2m", num_steps=4,
+                    guidance_scale=guidance, grid="trailing")  # fmt: skip
+        assert want.shape == got.shape == (2, 32, 32, 3)
+        assert np.abs(got - want).max() <= 2e-3, guidance
+        # Our pipelines read the same folder (its scheduler: DPMSolverMultistep, trailing).
+        ours = ours_pipe.text_to_image(prompts, num_steps=4, guidance_scale=guidance,
+                                       latents=jnp.asarray(x_T))  # fmt: skip
+        assert np.abs(np.asarray(ours) - want).max() <= 2e-3, guidance
 
 
 def _ours(workdir, prompts, x_T, **sample_kw):
@@ -111,10 +112,10 @@ def _ours(workdir, prompts, x_T, **sample_kw):
     return np.clip((np.asarray(task.to_pixels(z)) + 1.0) / 2.0, 0.0, 1.0)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, tmp_path, guidance):
+def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, tmp_path):
     """StableDiffusion3Pipeline (two CLIPs, no T5, max_sequence_length=0) on the exported MMDiT
-    run, with our initial latents and its FlowMatchEulerDiscreteScheduler, draws our images."""
+    run, with our initial latents and its FlowMatchEulerDiscreteScheduler, draws our images at
+    guidance 1 and 3."""
     import torch
     from diffusers import StableDiffusion3Pipeline
 
@@ -126,13 +127,15 @@ def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, tmp_path, guidance
     )  # diffusers' documented way to load SD3 without T5
     prompts = ["a green diamond at the top on a brown background", "a cyan square"]
     x_T = np.random.default_rng(1).standard_normal((2, 16, 16, 4)).astype(np.float32)
-    with torch.no_grad():
-        want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, output_type="np",
-                    latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2)),
-                    max_sequence_length=0).images  # fmt: skip
-    got = _ours(mmdit_run, prompts, x_T, method="euler", num_steps=4, guidance_scale=guidance)
-    assert want.shape == got.shape == (2, 32, 32, 3)
-    assert np.abs(got - want).max() <= 2e-3
+    for guidance in (1.0, 3.0):
+        with torch.no_grad():
+            want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance,
+                        output_type="np", latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2)),
+                        max_sequence_length=0).images  # fmt: skip
+        got = _ours(mmdit_run, prompts, x_T, method="euler", num_steps=4,
+                    guidance_scale=guidance)  # fmt: skip
+        assert want.shape == got.shape == (2, 32, 32, 3)
+        assert np.abs(got - want).max() <= 2e-3, guidance
 
 
 def test_bad_input(runs, tmp_path):

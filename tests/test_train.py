@@ -44,10 +44,10 @@ def _losses(workdir):
 
 
 def test_sharded_training_matches_one_device(tmp_path, data_dir):
+    # Every mesh axis in two runs (each 8-device SPMD compile costs tens of seconds).
     meshes = {
         "one": {"data": 1, "fsdp": 1, "tensor": 1, "num_devices": 1},
-        "data8": {"data": 8, "fsdp": 1, "tensor": 1},
-        "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
+        "data2_fsdp4": {"data": 2, "fsdp": 4, "tensor": 1},
         "fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2},
     }
     losses, bytes_per_device = {}, {}
@@ -63,7 +63,8 @@ def test_sharded_training_matches_one_device(tmp_path, data_dir):
     for name in meshes:
         assert len(losses[name]) == 5
         np.testing.assert_allclose(losses[name], losses["one"], atol=1e-5, rtol=0, err_msg=name)
-    assert bytes_per_device["fsdp8"] < bytes_per_device["data8"] / 4  # params really sharded
+    # params really sharded: a device holds well under half of them ("one" holds them all)
+    assert bytes_per_device["data2_fsdp4"] < bytes_per_device["one"] / 2
 
 
 def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, data_dir):

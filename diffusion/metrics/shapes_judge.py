@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion import data
+from diffusion.data.shapes import COLORS, SHAPES  # noqa: F401  (the vocabulary the heads read)
 from diffusion.metrics import frechet_distance
 from diffusion.metrics.shapes_captions import (  # noqa: F401  (public names of the judge)
     ATTRIBUTES,
@@ -59,7 +60,6 @@ from diffusion.metrics.shapes_captions import (  # noqa: F401  (public names of 
     parse_caption,
     score_readings,
 )
-from diffusion.data.shapes import COLORS, SHAPES  # noqa: F401  (the vocabulary the heads read)
 
 # ----------------------------------------------------------------------------- the network
 
