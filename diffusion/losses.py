@@ -111,8 +111,10 @@ def drop_condition(rng, cond, null_cond, p: float):
     return jax.tree.map(pick, cond, null_cond)
 
 
-def diffusion_loss(obj: Objective, model_fn, x0, rng, cond=None, null_cond=None):
-    """Mean weighted loss and aux metrics. model_fn(x_t, model_time (B,), cond) -> prediction."""
+def diffusion_loss(obj: Objective, model_fn, x0, rng, cond=None, null_cond=None,
+                   example_weight=None):  # fmt: skip
+    """Mean weighted loss and aux metrics. model_fn(x_t, model_time (B,), cond) -> prediction.
+    example_weight (B,) multiplies each example's loss (e.g. DreamBooth's prior term)."""
     t_rng, e_rng, d_rng = jax.random.split(rng, 3)
     batch = x0.shape[0]
     t = sample_t(obj, t_rng, batch)  # (B,)
@@ -127,5 +129,7 @@ def diffusion_loss(obj: Objective, model_fn, x0, rng, cond=None, null_cond=None)
     pred = model_fn(x_t, s.model_time(t), cond).astype(jnp.float32)
     per_example = jnp.mean((pred - target.astype(jnp.float32)) ** 2, axis=tuple(range(1, x0.ndim)))
     w = loss_weight(obj, t)
+    if example_weight is not None:
+        w = w * example_weight
     loss = jnp.mean(w * per_example)
     return loss, {"mse": jnp.mean(per_example), "t_mean": jnp.mean(t)}

@@ -237,7 +237,20 @@ def _autoencoder(cfg) -> AutoencoderTask:
     )
 
 
-TASKS = {"diffusion": _diffusion, "autoencoder": _autoencoder}
+def _finetune(cfg):
+    from diffusion.adapters import finetune  # adapters build on this module
+
+    return finetune.from_config(cfg)
+
+
+def _controlnet(cfg):
+    from diffusion.adapters import control
+
+    return control.from_config(cfg)
+
+
+TASKS = {"diffusion": _diffusion, "autoencoder": _autoencoder, "finetune": _finetune,
+         "controlnet": _controlnet}  # fmt: skip
 
 
 def from_config(cfg) -> DiffusionTask | AutoencoderTask:

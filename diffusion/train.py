@@ -23,14 +23,20 @@ from flax import nnx
 from tqdm import tqdm
 
 from diffusion import checkpoint, data, images, sharding, tasks
-from diffusion.train_state import ema_update, make_optimizer, state_fns
+from diffusion.train_state import (
+    ema_update,
+    from_pretrained,
+    frozen_weights,
+    make_optimizer,
+    state_fns,
+)
 from diffusion.workdir import Workdir
 
 CONFIG_KEYS = {
     "name", "task", "seed", "data", "conditioning", "model", "compute_dtype", "schedule",
     "objective", "optim", "ema_decay", "ema_warmup", "total_steps", "log_every", "ckpt_every",
     "keep_checkpoints", "sample", "mesh", "fsdp_min_size", "sharding_rules", "kl_weight",
-    "latents",
+    "latents", "finetune", "controlnet",
 }  # fmt: skip
 
 
@@ -68,17 +74,23 @@ def train(cfg, workdir: str) -> dict:
         tx, lr = make_optimizer(cfg.optim, cfg.total_steps)
         graphdef, init_fn = state_fns(task, tx, cfg.seed)
 
-        # ---- shardings: FSDP-by-size plus the logical-axis rules
-        abstract = sharding.abstract_state(init_fn, mesh, min_size=cfg.get("fsdp_min_size", 2**16))
+        # ---- shardings: FSDP-by-size plus the logical-axis rules; frozen (pretrained) weights
+        # of fine-tuning tasks sit beside the state, outside checkpoints (train_state.py)
+        min_size = cfg.get("fsdp_min_size", 2**16)
+        abstract = sharding.abstract_state(init_fn, mesh, min_size=min_size)
         shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        frozen = frozen_weights(task, cfg.seed, mesh, min_size)
+        frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+        counts = {"trained_params": _size(abstract["params"]), "frozen_params": _size(frozen)}
 
         # ---- step
-        step_fn = jax.jit(
+        jitted = jax.jit(
             make_train_step(task, graphdef, tx, lr, cfg),
-            in_shardings=(shardings, sharding.batch_sharding(mesh)),
+            in_shardings=(shardings, frozen_shardings, sharding.batch_sharding(mesh)),
             out_shardings=(shardings, sharding.replicated(mesh)),
             donate_argnums=0,
         )
+        step_fn = lambda state, batch: jitted(state, frozen, batch)
 
         # ---- resume from the latest readable checkpoint, or initialise sharded
         ckpt = checkpoint.Checkpointer(wd.file("checkpoints"), max_to_keep=cfg.keep_checkpoints)
@@ -91,18 +103,27 @@ def train(cfg, workdir: str) -> dict:
             print(f"resumed from step {start} in {ckpt.directory}")
         else:
             state, start = sharding.shard_init(init_fn, mesh, shardings), 0
+            state = from_pretrained(task, state)
 
         # ---- sampling: the task's grid from the EMA weights, one compiled program
         example = task.prepare_batch(next(iter(_pipeline(source, task.sampling.num_images, 0))))
-        sample_fn = jax.jit(
-            lambda ema, rest, rng: task.sample_grid(nnx.merge(graphdef, ema, rest), rng, example)
+        grid_fn = jax.jit(
+            lambda ema, frozen, rest, rng: task.sample_grid(
+                nnx.merge(graphdef, ema, frozen, rest), rng, example
+            )
         )
+        sample_fn = lambda ema, rest, rng: grid_fn(ema, frozen, rest, rng)
 
         # ---- loop
         next_batch = lambda: sharding.make_global_batch(task.prepare_batch(next(it)), mesh)
         summary = _loop(cfg, wd, task, ckpt, step_fn, sample_fn, next_batch, it, state, start)
+    summary |= counts
     write_report(wd, cfg, summary)
     return summary
+
+
+def _size(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def _pipeline(source, batch_size, seed):
@@ -111,25 +132,27 @@ def _pipeline(source, batch_size, seed):
 
 
 def make_train_step(task, graphdef, tx, lr, cfg):
-    """train_step(state, batch) -> (state, metrics): loss and gradients (accumulated over
-    cfg.optim.grad_accum microbatches), AdamW update, EMA update."""
+    """train_step(state, frozen, batch) -> (state, metrics): loss and gradients of the trained
+    parameters (accumulated over cfg.optim.grad_accum microbatches), AdamW update, EMA update;
+    `frozen` holds the parameters the task does not train (empty for ordinary runs)."""
     accum = cfg.optim.get("grad_accum", 1)
     decay, warmup = cfg.ema_decay, cfg.get("ema_warmup", False)
 
-    def loss_fn(params, rest, batch, rng):
-        return task.loss(nnx.merge(graphdef, params, rest), batch, rng)
+    def loss_fn(params, frozen, rest, batch, rng):
+        return task.loss(nnx.merge(graphdef, params, frozen, rest), batch, rng)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulated(params, rest, batch, rng):  # mean over (accum, B / accum, ...) microbatches
+    def accumulated(params, frozen, rest, batch, rng):  # mean over (accum, B / accum, ...)
         micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
 
         def body(carry, xs):
             i, mb = xs
-            (l, a), g = grad_fn(params, rest, mb, jax.random.fold_in(rng, i))
+            (l, a), g = grad_fn(params, frozen, rest, mb, jax.random.fold_in(rng, i))
             return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-        first = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro), rng)
+        mb0 = jax.tree.map(lambda x: x[0], micro)
+        first = jax.eval_shape(grad_fn, params, frozen, rest, mb0, rng)
         zeros = jax.tree.map(
             lambda s: jnp.zeros(s.shape, s.dtype), (first[0][0], first[0][1], first[1])
         )
@@ -137,11 +160,11 @@ def make_train_step(task, graphdef, tx, lr, cfg):
         loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
         return (loss, aux), grads
 
-    def train_step(state, batch):
+    def train_step(state, frozen, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params, rest = state["params"], state["rest"]
         grads_of = grad_fn if accum == 1 else accumulated
-        (loss, aux), grads = grads_of(params, rest, batch, rng)
+        (loss, aux), grads = grads_of(params, frozen, rest, batch, rng)
         updates, opt = tx.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
         ema = ema_update(state["ema"], params, decay, state["step"], warmup)
@@ -219,6 +242,8 @@ def write_report(wd: Workdir, cfg, s: dict) -> None:
         "",
         f"steps {s['start_step']} -> {s['steps']}; final loss (mean of last 10): {s['final_loss']}",
         f"checkpoints: {s['checkpoints']}",
+        f"parameters: {s['trained_params']} trained, {s['frozen_params']} frozen (not in "
+        "checkpoints)",
         f"samples: samples_{s['steps']:06d}.png ({cfg.sample.method}, "
         f"{cfg.sample.num_steps} steps)",
     ]

@@ -18,3 +18,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # on busy cores and made torch calls several times slower under load).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402  (after the environment above, before jax is imported by tests)
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm(tmp_path_factory):
+    """The tiny VAE + latent U-Net run shared by test_ldm.py and test_adapters_train.py
+    (_ldm_fixtures.py): (vae workdir, ldm workdir, data_dir, summary)."""
+    from _ldm_fixtures import tiny_ldm_runs
+
+    return tiny_ldm_runs(tmp_path_factory, os.environ.get("PYTEST_XDIST_WORKER", "master"))

@@ -9,35 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _ldm_fixtures import short as _short
 
-from configs import shapes_ldm_mmdit, shapes_ldm_unet, shapes_vae
+from configs import shapes_ldm_mmdit, shapes_ldm_unet
 from diffusion import latent, tasks, train
 from diffusion.train_state import restore_ema
 from diffusion.workdir import read_config
 
-ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1, "num_devices": 1}
-
-
-def _short(cfg, data_dir, steps):
-    cfg.data.data_dir = str(data_dir)
-    cfg.total_steps, cfg.ckpt_every, cfg.log_every = steps, steps // 2, 2
-    cfg.sample.every = steps
-    cfg.mesh = ONE_DEVICE
-    return cfg
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(vae workdir, ldm workdir, data_dir): the VAE trains 4 steps, the LDM 12 on its latents."""
-    root = tmp_path_factory.mktemp("ldm")
-    data_dir = root / "tfds"
-    vae_cfg = _short(shapes_vae.get_config("runlocal"), data_dir, 4)
-    vae_cfg.sample.every = 0
-    train.train(vae_cfg, str(root / "vae"))
-    cfg = _short(shapes_ldm_unet.get_config("runlocal"), data_dir, 12)
-    cfg.latents.vae = str(root / "vae")
-    summary = train.train(cfg, str(root / "ldm"))
-    return root / "vae", root / "ldm", data_dir, summary
+def runs(tiny_ldm):
+    """(vae workdir, ldm workdir, data_dir, summary): the VAE trains 4 steps, the LDM 12 on its
+    latents (tests/_ldm_fixtures.py, shared with test_adapters_train.py)."""
+    return tiny_ldm
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,12 @@ _TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5Enco
 
 @functools.cache
 def _registry() -> dict[str, tuple[type, type]]:
-    from diffusion.models import mmdit, t5, text, unet, vae
+    from diffusion.models import controlnet, mmdit, t5, text, unet, vae
 
     models = {}
     for cls in (unet.UNet, vae.AutoencoderKL, mmdit.SD3Transformer, text.CLIPTextModel,
-                text.CLIPTextModelWithProjection, t5.T5EncoderModel):  # fmt: skip
+                text.CLIPTextModelWithProjection, t5.T5EncoderModel,
+                controlnet.ControlNetModel):  # fmt: skip
         # Every model class names its config class and the diffusers/transformers class names
         # it reads (`diffusers_classes`, default: the one it writes, `diffusers_class`).
         for name in getattr(cls, "diffusers_classes", (cls.diffusers_class,)):

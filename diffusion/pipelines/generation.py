@@ -26,16 +26,22 @@ class Generation:
         self, prompt=None, *, negative_prompt=None, height=None, width=None, num_steps=50,
         guidance_scale=None, guidance_rescale=0.0, method=None, grid=None, rng=None,
         latents=None, num_images_per_prompt=1, clip_skip=None, sampler_options=None,
-        output="image", conditioning=None, sampler_noises=None, **kw,
+        output="image", conditioning=None, control_image=None,
+        controlnet_conditioning_scale=1.0, sampler_noises=None, **kw,
     ):  # fmt: skip
         """Images (B, H, W, 3) in [0, 1] from noise; latents as diffusers' `latents` (scaled by
         the scheduler's init_noise_sigma as there). conditioning=(cond, uncond) skips the text
-        encoders (see encode_prompt)."""
+        encoders (see encode_prompt). control_image (ControlNet pipelines, adapters.py): NHWC in
+        [0, 1] at the output size (which it sets when height and width are not given)."""
+        if control_image is not None and height is None and width is None:
+            height, width = np.shape(control_image)[-3:-1]
         height, width = self.resolve_size(height, width)
         scale, cond, uncond, batch = self._prompt_batch(
             prompt, negative_prompt, guidance_scale, conditioning, num_images_per_prompt,
             clip_skip, height, width, kw,
         )  # fmt: skip
+        cond, uncond = self._control(cond, uncond, control_image, controlnet_conditioning_scale,
+                                     batch, height, width)  # fmt: skip
         method, options, ts = self._times(num_steps, method, grid, sampler_options)
         keys = self._keys(rng)
         shape = self._latent_shape(batch, height, width)

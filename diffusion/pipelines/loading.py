@@ -31,6 +31,7 @@ PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionControlNetPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",
@@ -38,7 +39,8 @@ PIPELINE_CLASSES = {
     "StableDiffusion3Img2ImgPipeline": "sd3",
     "StableDiffusion3InpaintPipeline": "sd3",
 }
-NETWORKS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+NETWORKS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+            "controlnet")  # fmt: skip
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 # Components a generation never uses (diffusers' safety checker, IP-adapter image encoder).

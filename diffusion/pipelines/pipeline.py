@@ -21,15 +21,25 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion import samplers, sharding
-from diffusion.pipelines import extras, generation, images, programs, prompts, quantize, schedulers
+from diffusion.models.controlnet import ControlledUNet
+from diffusion.pipelines import (
+    adapters,
+    extras,
+    generation,
+    images,
+    programs,
+    prompts,
+    quantize,
+    schedulers,
+)
 
 COMPONENTS = (
     "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
-    "tokenizer", "tokenizer_2", "tokenizer_3",
+    "tokenizer", "tokenizer_2", "tokenizer_3", "controlnet",
 )  # fmt: skip
 
 
-class Pipeline(generation.Generation, extras.Extras):
+class Pipeline(generation.Generation, extras.Extras, adapters.Adapters):
     """Base class; see StableDiffusionPipeline / StableDiffusionXLPipeline /
     StableDiffusion3Pipeline for the prompt assembly of each family."""
 
@@ -53,6 +63,8 @@ class Pipeline(generation.Generation, extras.Extras):
     # ------------------------------------------------------------------ properties
     @property
     def denoiser(self):
+        if self.controlnet is not None:  # a fresh wrapper each time: the split is cached
+            return ControlledUNet(self.unet, self.controlnet)
         return self.unet if self.unet is not None else self.transformer
 
     @property

@@ -69,7 +69,10 @@ def network_call(kind: str, net, x, model_time, cond):
     added = None
     if "time_ids" in cond:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-    return net(x, t, cond["encoder_hidden_states"], added_cond_kwargs=added)
+    control = {}
+    if "controlnet_cond" in cond:  # a models.controlnet.ControlledUNet
+        control = {k: cond[k] for k in ("controlnet_cond", "conditioning_scale")}
+    return net(x, t, cond["encoder_hidden_states"], added_cond_kwargs=added, **control)
 
 
 def composable_model(model_fn, conds, uncond, weights):

@@ -1,0 +1,179 @@
+"""Fine-tuning runs on the tiny latent text-to-image run (tests/_ldm_fixtures.py): the three
+configs' :runlocal variants train end to end (shortened to 3 steps) from that base.
+
+LoRA trains only the adapters: the checkpoint holds adapter leaves only, the base weights come
+back bit-identical, and the reported count is rank * (fan_in + fan_out) per adapted layer.
+DreamBooth runs with and without prior preservation, and its loss is eq. 2 of Ruiz et al.
+(2023) on a hand-computed case. The ControlNet run starts as the base U-Net exactly (zero
+convolutions) and only the ControlNet's weights move.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _ldm_fixtures import ONE_DEVICE
+from flax import nnx
+
+from configs import shapes_controlnet, shapes_dreambooth, shapes_lora
+from diffusion import checkpoint, sharding, tasks, train
+from diffusion.adapters import base, concepts, control, finetune, lora
+from diffusion.train_state import from_pretrained, frozen_weights, restore_ema, state_fns
+from diffusion.workdir import read_config
+
+STEPS = 3
+
+
+def _run(cfg, section, tiny_ldm, workdir):
+    _, ldm_dir, data_dir, _ = tiny_ldm
+    cfg[section].base = str(ldm_dir)
+    cfg.data.data_dir = str(data_dir)
+    cfg.mesh = ONE_DEVICE
+    cfg.total_steps, cfg.ckpt_every, cfg.log_every = STEPS, STEPS, 1
+    return train.train(cfg, str(workdir))
+
+
+def _flat(model, filt=nnx.Param) -> dict:
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, filt))}
+
+
+def _saved_params(workdir) -> dict:
+    """{path: array} of the trained parameters as the checkpoint holds them (read raw)."""
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+        state = ckpt.restore().state
+    leaves = jax.tree_util.tree_leaves_with_path(state["params"])
+    path = lambda p: tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
+    return {path(p)[:-1] if path(p)[-1] == "value" else path(p): v for p, v in leaves}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_ldm, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("lora")
+    return wd, _run(shapes_lora.get_config("runlocal"), "finetune", tiny_ldm, wd)
+
+
+def test_lora_trains_only_the_adapters(tiny_ldm, lora_run):
+    wd, summary = lora_run
+    cfg = read_config(str(wd))
+    _, base_model = base.load_base(str(tiny_ldm[1]))
+    base_params = _flat(base_model)
+
+    # The count is rank * (fan_in + fan_out) for each adapted layer (kernel (..., in, out)).
+    rank, want = cfg.finetune.lora.rank, 0
+    for comp, targets in cfg.finetune.lora.targets.items():
+        table = lora.layers(getattr(base_model, finetune.COMPONENTS[comp]))
+        for name in lora.match(table, list(targets)):
+            k = table[name].kernel.shape
+            want += rank * (int(np.prod(k[:-1])) + k[-1])
+    assert summary["trained_params"] == want > 0
+    assert summary["frozen_params"] == sum(v.size for v in base_params.values())
+    assert f"{want} trained" in (wd / "report.md").read_text()
+
+    # The checkpoint holds the adapters only; the base comes back bit-identical.
+    saved = _saved_params(str(wd))
+    assert len(saved) and all(("lora" in p) and p[-1] in ("down", "up") for p in saved), saved
+    assert sum(v.size for v in saved.values()) == want
+    model, step = restore_ema(cfg, tasks.from_config(cfg), str(wd))
+    assert step == STEPS
+    after = _flat(model, nnx.All(nnx.Param, nnx.Not(lora.LoRAParam)))
+    assert after.keys() == base_params.keys()
+    for p, v in base_params.items():
+        np.testing.assert_array_equal(after[p], v, err_msg=str(p))
+    ups = [v for p, v in _flat(model, lora.LoRAParam).items() if p[-1] == "up"]
+    assert all(np.abs(u).max() > 0 for u in ups)  # up starts at 0; every adapter trained
+
+
+def test_lora_run_exports_a_diffusers_file(lora_run, tmp_path):
+    from diffusion.adapters import files
+
+    wd, _ = lora_run
+    path = finetune.export_lora(str(wd), str(tmp_path / "lora"))
+    model, _ = restore_ema(read_config(str(wd)), tasks.from_config(read_config(str(wd))), str(wd))
+    _, base_model = base.load_base(read_config(str(wd)).finetune.base)
+    unet = nnx.clone(base_model.denoiser)
+    files.load_lora(unet, path, prefix="unet")
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 4))
+    ehs = jax.random.normal(jax.random.key(1), (1, 8, unet.config.cross_attention_dim))
+    t = jnp.asarray([500])
+    np.testing.assert_allclose(unet(x, t, ehs), model.denoiser(x, t, ehs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_dreambooth_runs_with_and_without_prior(tiny_ldm, tmp_path, prior):
+    cfg = shapes_dreambooth.get_config(f"runlocal,prior={prior}")
+    summary = _run(cfg, "finetune", tiny_ldm, tmp_path)
+    assert np.isfinite(summary["final_loss"]) and summary["checkpoints"] == [STEPS]
+    task = tasks.from_config(read_config(str(tmp_path)))
+    name, data_dir = task.dataset(cfg.data)
+    from diffusion import data
+
+    batch = next(iter(data.make_pipeline(name, "train", batch_size=2, seed=0, data_dir=data_dir)))
+    assert all(concepts.SUBJECT_TOKEN in c for c in map(str, batch["caption"]))
+    if prior:  # class examples: the base model's samples for the captions without the token
+        assert batch["prior_latent"].shape == batch["latent"].shape
+        for c in map(str, batch["prior_caption"]):
+            assert concepts.SUBJECT_TOKEN not in c and c.startswith("a square")
+    else:
+        assert "prior_latent" not in batch
+
+
+def test_prior_preservation_loss_is_eq_2(tiny_ldm):
+    """L = mean_i ||x_hat_i - x_i||^2 + weight * mean_j ||x_hat_j - x'_j||^2 on instance and
+    class examples, with an x0-predicting stub network returning 0, so each term is ||x||^2."""
+    cfg = shapes_dreambooth.get_config("runlocal,prior=true")
+    cfg.finetune.base = str(tiny_ldm[1])
+    cfg.finetune.prior.weight = 0.25
+    task = tasks.from_config(cfg)
+    task = dataclasses.replace(
+        task, objective=dataclasses.replace(task.objective, prediction_type="x0")
+    )
+    object.__setattr__(task, "model_fn", lambda model, x_t, mt, cond: jnp.zeros_like(x_t))
+    rng = np.random.default_rng(0)
+    shape = (2, 4, 4, 4)
+    raw = {
+        "latent": rng.normal(size=shape),
+        "prior_latent": rng.normal(size=shape) * 3,
+        "caption": ["a sks square at the top"] * 2,
+        "prior_caption": ["a square at the top"] * 2,
+    }
+    batch = task.prepare_batch(raw)
+    np.testing.assert_array_equal(batch["weight"], [1, 1, 0.25, 0.25])
+    x, x_cls = (task.latents.scale(raw[k].astype(np.float32)) for k in ("latent", "prior_latent"))
+    want = np.mean(x**2, axis=(1, 2, 3)).mean() + 0.25 * np.mean(x_cls**2, axis=(1, 2, 3)).mean()
+    loss, _ = task.loss(nnx.Module(), jax.tree.map(jnp.asarray, batch), jax.random.key(0))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_controlnet_starts_as_the_base_and_trains(tiny_ldm, tmp_path):
+    cfg = shapes_controlnet.get_config("runlocal")
+    summary = _run(cfg, "controlnet", tiny_ldm, tmp_path)
+    task = tasks.from_config(read_config(str(tmp_path)))
+    base_task, base_model = task.base()
+
+    # Step 0 (the state train.py builds): the controlled U-Net predicts what the base does.
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    graphdef, init_fn = state_fns(task, optax.sgd(0.0), cfg.seed)
+    state = from_pretrained(task, init_fn())
+    frozen = frozen_weights(task, cfg.seed, mesh)
+    model = nnx.merge(graphdef, state["params"], frozen, state["rest"])
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, 16, 16, 4))  # latents of 32 px images
+    ids = jnp.asarray(base_task.conditioning.tokenizer(["a red circle", "a blue square"]))
+    layout = jax.random.bernoulli(keys[1], 0.3, (2, 32, 32, 3)).astype(jnp.float32)
+    t = jnp.asarray([100.0, 700.0])
+    want = base_task.model_fn(base_model, x, t, {"input_ids": ids})
+    got = task.model_fn(control._WithControl(model, layout), x, t, {"input_ids": ids})
+    np.testing.assert_array_equal(got, want)
+
+    # After training: only the ControlNet moved (zero convolutions left zero).
+    trained, _ = restore_ema(read_config(str(tmp_path)), task, str(tmp_path))
+    assert summary["trained_params"] == sum(v.size for v in _flat(trained.controlnet).values())
+    after = _flat(trained)
+    for p, v in _flat(base_model).items():
+        np.testing.assert_array_equal(after[p], v, err_msg=str(p))
+    zero = _flat(trained.controlnet.controlnet_mid_block)
+    assert all(np.abs(v).max() > 0 for v in zero.values())
