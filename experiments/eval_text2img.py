@@ -11,7 +11,9 @@ prompts that are and are not the caption of some training image ("unseen": new c
 colours, shapes and relations), and the FD in judge features to the real test split (with the
 real-vs-real FD at the same sample count for scale; it is not FID). Writes eval_text2img.json,
 eval_text2img.png (one row per prompt, green / red frame = adherent or not) and a metrics.jsonl
-line; `--steps all` scores every kept checkpoint and plots adherence against training step.
+line; `--steps all` scores every kept checkpoint and plots adherence against training step;
+`--vae_ceiling` judges real test images after a round trip through the run's VAE (with their own
+captions): the most a latent denoiser on this VAE could score.
 """
 
 from __future__ import annotations
@@ -190,6 +192,30 @@ def evaluate(
     return result
 
 
+def vae_ceiling(workdir, num_images=512, judge_path=JUDGE, data_dir=None) -> dict:
+    """The judge on real test images and on their round trips through the run's VAE, each with
+    its own caption: the adherence a perfect latent denoiser could reach with this VAE. Writes
+    eval_vae_ceiling.json."""
+    cfg = read_config(workdir)
+    task = tasks.from_config(cfg)
+    if getattr(task, "latents", None) is None:
+        raise ValueError(f"{workdir} is not a latent run (no latents.vae)")
+    data_dir = data_dir or cfg.data.get("data_dir") or None
+    real, captions, _ = shapes_judge.real_images(cfg.data.name, "test", data_dir, num_images)
+    space = task.latents
+    rec = np.concatenate([np.asarray(space.decode(space.encode(real[i : i + 256])))
+                          for i in range(0, len(real), 256)])  # fmt: skip
+    judge = shapes_judge.load(judge_path)
+    out = {"num_images": len(real)}
+    for name, x in (("real", real), ("vae_round_trip", np.clip(rec, -1.0, 1.0))):
+        s = judge.score(x, captions)
+        out[name] = {"adherence": float(s["adherence"]),
+                     "accuracy": {k: float(v) for k, v in s["accuracy"].items()}}  # fmt: skip
+    with open(os.path.join(workdir, "eval_vae_ceiling.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
 def curve(workdir, num_per_prompt=4, **kw) -> list[dict]:
     """eval at every kept checkpoint (fewer samples each); writes eval_text2img_curve.{json,png}."""
     import matplotlib.pyplot as plt
@@ -218,6 +244,12 @@ def main(argv):
     f = flags.FLAGS
     kw = dict(seed=f.seed, guidance_scale=f.guidance_scale, method=f.method,
               num_steps=f.num_steps, judge_path=f.judge, data_dir=f.data_dir)  # fmt: skip
+    if f.vae_ceiling:
+        r = vae_ceiling(f.workdir, judge_path=f.judge, data_dir=f.data_dir)
+        print(markdown_table([{"images": k, "adherence": r[k]["adherence"], **r[k]["accuracy"]}
+                              for k in ("real", "vae_round_trip")],
+                             ["images", "adherence", *r["real"]["accuracy"]]))  # fmt: skip
+        return
     if f.steps == "all":
         rows = curve(f.workdir, f.num_per_prompt, **kw)
         print(markdown_table([{"step": r["checkpoint_step"], "adherence": r["adherence"],
@@ -242,6 +274,7 @@ if __name__ == "__main__":
     flags.DEFINE_float("guidance_scale", None, "CFG scale (default: the run's)")
     flags.DEFINE_string("method", None, "sampler (default: the run's)")
     flags.DEFINE_integer("num_steps", None, "sampler steps (default: the run's)")
+    flags.DEFINE_bool("vae_ceiling", False, "judge real test images through the run's VAE")
     flags.DEFINE_string("judge", JUDGE, "the shapes judge's folder")
     flags.DEFINE_string("data_dir", None, "tfds data_dir (default: the run's)")
     flags.mark_flags_as_required(["workdir"])

@@ -69,6 +69,12 @@ def test_eval_text2img_scores_with_the_judge(runs):
     assert f["total"] == f["encode"] + 3 * f["network_call"] + f["decode"]
     assert (ldm_dir / "eval_text2img.png").exists()
     assert json.loads((ldm_dir / "eval_text2img.json").read_text())["adherence"] == r["adherence"]
+    # The VAE ceiling: real images keep their captions (the judge reads them right); the 4-step
+    # VAE's round trips are scored the same way and written.
+    c = eval_text2img.vae_ceiling(str(ldm_dir), num_images=16)
+    assert c["num_images"] == 16 and c["real"]["adherence"] >= 0.9
+    assert 0.0 <= c["vae_round_trip"]["adherence"] <= 1.0
+    assert json.loads((ldm_dir / "eval_vae_ceiling.json").read_text()) == c
 
 
 def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path):
