@@ -103,7 +103,8 @@ def get_config(arg=None):
     }
     c.ema_decay = 0.999
     c.ema_warmup = True
-    # Sized for 2 CPU cores: 51 GFLOP per train step (XLA cost analysis, batch 64), ~1 s a step.
+    # Sized for 2 CPU cores: 51 GFLOP per train step (XLA cost analysis, batch 64), 1.3 s a
+    # step measured alone (the first run stopped at 3000: benchmarks/results/shapes_ldm_unet).
     c.total_steps = 5000
     c.log_every = 100
     c.ckpt_every = 1000
