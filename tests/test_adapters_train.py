@@ -103,31 +103,31 @@ def test_lora_run_exports_a_diffusers_file(lora_run, tmp_path):
     np.testing.assert_allclose(unet(x, t, ehs), model.denoiser(x, t, ehs), rtol=1e-5, atol=1e-5)
 
 
+def _first_batch(task, data_cfg) -> dict:
+    from diffusion import data
+
+    name, data_dir = task.dataset(data_cfg)
+    return next(iter(data.make_pipeline(name, "train", batch_size=2, seed=0, data_dir=data_dir)))
+
+
 def test_dreambooth_runs_with_prior_and_builds_both_datasets(tiny_ldm, tmp_path):
     """prior=True trains (class images drawn by the base model); prior=False builds the instance
     set alone (its training step is the LoRA run's)."""
-    from diffusion import data
-
     cfg = shapes_dreambooth.get_config("runlocal,prior=True")
     summary = _run(cfg, "finetune", tiny_ldm, tmp_path / "prior")
     assert np.isfinite(summary["final_loss"]) and summary["checkpoints"] == [STEPS]
-    for prior in (True, False):
-        if prior:
-            task = tasks.from_config(read_config(str(tmp_path / "prior")))
-        else:
-            cfg = shapes_dreambooth.get_config("runlocal,prior=False")
-            cfg.finetune.base, cfg.data.data_dir = str(tiny_ldm[1]), str(tiny_ldm[2])
-            task = tasks.from_config(cfg)
-        name, data_dir = task.dataset(cfg.data)
-        loader = data.make_pipeline(name, "train", batch_size=2, seed=0, data_dir=data_dir)
-        batch = next(iter(loader))
-        assert all(concepts.SUBJECT_TOKEN in c for c in map(str, batch["caption"]))
-        if prior:  # class examples: the base model's samples for the captions without the token
-            assert batch["prior_latent"].shape == batch["latent"].shape
-            for c in map(str, batch["prior_caption"]):
-                assert concepts.SUBJECT_TOKEN not in c and c.startswith("a square")
-        else:
-            assert "prior_latent" not in batch
+    batch = _first_batch(tasks.from_config(read_config(str(tmp_path / "prior"))), cfg.data)
+    assert all(concepts.SUBJECT_TOKEN in c for c in map(str, batch["caption"]))
+    # class examples: the base model's samples for the captions without the token
+    assert batch["prior_latent"].shape == batch["latent"].shape
+    for c in map(str, batch["prior_caption"]):
+        assert concepts.SUBJECT_TOKEN not in c and c.startswith("a square")
+
+    cfg = shapes_dreambooth.get_config("runlocal,prior=False")
+    cfg.finetune.base, cfg.data.data_dir = str(tiny_ldm[1]), str(tiny_ldm[2])
+    batch = _first_batch(tasks.from_config(cfg), cfg.data)
+    assert all(concepts.SUBJECT_TOKEN in c for c in map(str, batch["caption"]))
+    assert "prior_latent" not in batch
 
 
 def test_prior_preservation_loss_is_eq_2(tiny_ldm):
