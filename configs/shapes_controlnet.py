@@ -12,8 +12,6 @@ eval_finetune draws samples for test-split captions with and without their layou
 and reports the mean IoU of each sample's foreground with the layout mask (the controlled
 samples should score far higher), plus the judge's adherence to the captions. Results:
 benchmarks/results/shapes_controlnet/ once run. `:runlocal` trains 6 steps on shapes/tiny.
-NOT YET WRITTEN: experiments/eval_finetune.py (the measures it is to use are in
-diffusion/adapters/concepts.py); until it exists, the train command alone runs.
 """
 
 import ml_collections

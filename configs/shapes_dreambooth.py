@@ -17,8 +17,6 @@ prompts and on the 32 standard prompts (prior preservation should keep these nea
 the difference between the two runs is its measured benefit), and how often plain "a square
 ..." prompts drift to the subject. Results: benchmarks/results/shapes_dreambooth/ once run.
 `:runlocal` trains 6 steps (4 class images when prior=true).
-NOT YET WRITTEN: experiments/eval_finetune.py (the measures it is to use are in
-diffusion/adapters/concepts.py); until it exists, the train command alone runs.
 """
 
 import ml_collections

@@ -15,8 +15,6 @@ the 32 standard evaluation prompts (experiments/eval_text2img.py), which should 
 of the base's. It also writes the adapters as a diffusers LoRA file (lora/), which
 `StableDiffusionPipeline.load_lora_weights` reads on the exported base folder. Results: see
 benchmarks/results/shapes_lora/ once run. `:runlocal` trains 6 steps on 8 images (tests).
-NOT YET WRITTEN: experiments/eval_finetune.py (the measures it is to use are in
-diffusion/adapters/concepts.py); until it exists, the train command alone runs.
 """
 
 import ml_collections

@@ -9,6 +9,7 @@ convolutions) and only the ControlNet's weights move.
 """
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -18,6 +19,7 @@ import optax
 import pytest
 from _ldm_fixtures import ONE_DEVICE
 from flax import nnx
+from PIL import Image
 
 from configs import shapes_controlnet, shapes_dreambooth, shapes_lora
 from diffusion import checkpoint, sharding, tasks, train
@@ -40,6 +42,12 @@ def _run(cfg, section, tiny_ldm, workdir):
 
 def _flat(model, filt=nnx.Param) -> dict:
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, filt))}
+
+
+def _jit_call(fn, model):
+    """fn(model) as one compiled program (eager U-Net calls compile op by op: far slower)."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda st: fn(nnx.merge(graphdef, st)))(state)
 
 
 def _saved_params(workdir) -> dict:
@@ -101,6 +109,31 @@ def test_lora_run_exports_a_diffusers_file(lora_run, tmp_path):
     ehs = jax.random.normal(jax.random.key(1), (1, 8, unet.config.cross_attention_dim))
     t = jnp.asarray([500])
     np.testing.assert_allclose(unet(x, t, ehs), model.denoiser(x, t, ehs), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_finetune_scores_tuned_and_base_alike(tiny_ldm, lora_run):
+    """eval_finetune's base scores are eval_text2img's on the base run (same prompts, seed,
+    sampler); the tuned model's differ; the grid pairs base and tuned rows per prompt."""
+    from experiments import eval_finetune, eval_text2img
+
+    wd, _ = lora_run
+    r = eval_finetune.evaluate(str(wd), num_per_prompt=2, num_prompts=2, standard=(2, 0, 0))
+    assert r["kind"] == "new_color" and len(r["prompts"]["concept"]) == 2
+    assert all(" purple " in p for p in r["prompts"]["concept"])
+    standard = [(p, "single") for p in r["prompts"]["standard"]]
+    s = r["sampler"]
+    ref = eval_text2img.evaluate(str(tiny_ldm[1]), num_per_prompt=2, prompts=standard,
+                                 method=s["method"], num_steps=s["num_steps"],
+                                 guidance_scale=s["guidance"], write=False)  # fmt: skip
+    assert r["base"]["standard_adherence"] == ref["adherence"]
+    assert r["base"]["fd_in_judge_features"] == ref["fd_in_judge_features"]
+    assert r["tuned"]["fd_in_judge_features"] != ref["fd_in_judge_features"]
+    for who in ("base", "tuned"):
+        assert r[who]["concept_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 samples
+    grid = Image.open(wd / "eval_finetune.png")
+    assert grid.size[1] == 2 * 2 * (2 * 32 + 6)  # base and tuned rows of 2 prompts, 64 px
+    assert r["lora_file"] == str(wd / "lora" / "pytorch_lora_weights.safetensors")
+    assert os.path.exists(r["lora_file"])
 
 
 def _first_batch(task, data_cfg) -> dict:
@@ -166,7 +199,7 @@ def test_controlnet_starts_as_the_base_and_trains(tiny_ldm, tmp_path):
     # Step 0 (the state train.py builds): the controlled U-Net predicts what the base does.
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     graphdef, init_fn = state_fns(task, optax.sgd(0.0), cfg.seed)
-    state = from_pretrained(task, init_fn())
+    state = from_pretrained(task, jax.jit(init_fn)())  # one compiled init, not eager ops
     frozen = frozen_weights(task, cfg.seed, mesh)
     model = nnx.merge(graphdef, state["params"], frozen, state["rest"])
     keys = jax.random.split(jax.random.key(0), 3)
@@ -174,8 +207,10 @@ def test_controlnet_starts_as_the_base_and_trains(tiny_ldm, tmp_path):
     ids = jnp.asarray(base_task.conditioning.tokenizer(["a red circle", "a blue square"]))
     layout = jax.random.bernoulli(keys[1], 0.3, (2, 32, 32, 3)).astype(jnp.float32)
     t = jnp.asarray([100.0, 700.0])
-    want = base_task.model_fn(base_model, x, t, {"input_ids": ids})
-    got = task.model_fn(control._WithControl(model, layout), x, t, {"input_ids": ids})
+    want = _jit_call(lambda m: base_task.model_fn(m, x, t, {"input_ids": ids}), base_model)
+    got = _jit_call(
+        lambda m: task.model_fn(control._WithControl(m, layout), x, t, {"input_ids": ids}), model
+    )
     np.testing.assert_array_equal(got, want)
 
     # After training: only the ControlNet moved (zero convolutions left zero).
@@ -186,3 +221,15 @@ def test_controlnet_starts_as_the_base_and_trains(tiny_ldm, tmp_path):
         np.testing.assert_array_equal(after[p], v, err_msg=str(p))
     zero = _flat(trained.controlnet.controlnet_mid_block)
     assert all(np.abs(v).max() > 0 for v in zero.values())
+
+    # eval_finetune: the same test examples with and without control, IoU with their layouts
+    from experiments import eval_finetune
+
+    r = eval_finetune.evaluate(str(tmp_path), num_control=3)
+    assert r["kind"] == "controlnet" and r["num_examples"] == 3
+    for who in ("base", "controlled"):
+        assert 0.0 <= r[who]["mask_iou"] <= 1.0 and 0.0 <= r[who]["adherence"] <= 1.0
+    saved = json.loads((tmp_path / "eval_finetune.json").read_text())
+    assert saved["controlled"] == r["controlled"]
+    grid = Image.open(tmp_path / "eval_finetune.png")  # control, base, controlled rows of 3
+    assert grid.size == (360 + 3 * (2 * 32 + 6), 3 * (2 * 32 + 6))

@@ -14,6 +14,7 @@ Samples (training grids, evaluations) take their control images from the batch's
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -91,12 +92,8 @@ class ControlNetTask(tasks.DiffusionTask):
     def pretrained(self) -> dict:
         """The base's weights, and the ControlNet's from_unet initialisation of them."""
         model = self.base()[1]
-        net = ControlNetModel.from_unet(
-            model.denoiser,
-            rngs=nnx.Rngs(0),
-            conditioning_embedding_out_channels=self.embedding_channels,
-        )
-        return base.flat_params(model) | base.flat_params(net, ("controlnet",))
+        net = _from_unet(self.base_path, self.base_step, self.sampling, self.embedding_channels)
+        return base.flat_params(model) | net
 
     def prepare_batch(self, batch: dict) -> dict:
         out = super().prepare_batch(batch)
@@ -119,6 +116,24 @@ class ControlNetTask(tasks.DiffusionTask):
         shape = (n, *example["x"].shape[1:])
         return self.sample(model, rng, cond, shape, method=sc.method, num_steps=sc.num_steps,
                            guidance_scale=sc.guidance_scale, grid=sc.grid)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def _from_unet(base_path, base_step, sampling, embedding_channels) -> dict:
+    """{("controlnet", ...): array} of ControlNetModel.from_unet(the base's U-Net), built in one
+    compiled program (eager construction compiles every initialiser separately) and kept: a
+    training run asks for it twice (initial state, frozen weights)."""
+    unet = base.load_base(base_path, base_step, sampling)[1].denoiser
+
+    @nnx.jit
+    def build(unet):
+        net = ControlNetModel.from_unet(
+            unet, rngs=nnx.Rngs(0), conditioning_embedding_out_channels=embedding_channels
+        )
+        return nnx.state(net, nnx.Param)
+
+    flat = nnx.to_flat_state(build(unet))
+    return {("controlnet", *p): v.get_value() for p, v in flat}
 
 
 def from_config(cfg) -> ControlNetTask:
