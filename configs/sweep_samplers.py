@@ -52,7 +52,9 @@ def get_config(arg=None):
     c.num_per_prompt = 4
     c.num_prompts = 0  # text runs: the first n evaluation prompts (0: all 32)
     c.seed = 0
-    c.reference = "rk4@100"
+    # converged on the digits eps model (RK4@100 on its cosine table is 0.16 RMS off DDIM@1000;
+    # configs/reproduce/dpm_solver.py)
+    c.reference = "dpmpp_2m@200"
     c.bootstrap = 20  # FD std from resampling the generated set
     c.cache = True  # reuse samples a setting already drew in this process (reproductions)
     c.classifier = "benchmarks/results/digits_classifier"

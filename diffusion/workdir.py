@@ -18,6 +18,11 @@ def _jsonable(x):
     return str(x)
 
 
+def as_json(config) -> dict:
+    """A config as its config.json holds it (what an existing workdir's file compares to)."""
+    return json.loads(json.dumps(config, default=_jsonable, sort_keys=True))
+
+
 class Workdir:
     def __init__(self, path: str, config=None):
         self.path = os.path.abspath(path)

@@ -108,7 +108,11 @@ def quick_run(request, tmp_path_factory):
         out = reproduce.run(cfg, str(wd))
         again = reproduce.run_claim(quick.get_config("runlocal").claims.ddim, str(wd / "again"),
                                     str(wd / "models"))  # fmt: skip
-    return request.param, wd, out, trained, again
+        n_trained = len(trained)
+        # the same claim config in its own workdir: the finished result, nothing recomputed
+        reused = reproduce.run_claim(quick.get_config("runlocal").claims.ddim, str(wd / "ddim"))
+        assert len(trained) == n_trained
+    return request.param, wd, out, trained, (again, reused)
 
 
 def test_every_claim_reports(quick_run):
@@ -141,12 +145,15 @@ def test_verdicts_follow_the_numbers(quick_run):
 def test_models_are_trained_once_and_shared(quick_run):
     """Seven distinct digits models for six claims (eps is shared by five); a rerun of a claim
     with the same cache trains nothing and gives the same numbers."""
-    _, wd, out, trained, again = quick_run
+    _, wd, out, trained, (again, reused) = quick_run
     assert len(trained) == len(set(trained)) == 7, trained
     names = {os.path.basename(t).rsplit("-", 1)[0] for t in trained}
     assert names == {f"digits_{k}" for k in base.KINDS}
     assert [m["cached"] for m in again["models"]] == [True]
     assert again["data"]["rows"] == out["claims"]["ddim"]["data"]["rows"]
+    # rerun in the claim's own workdir with an unchanged config: its results.json as it was
+    assert reused == json.loads((wd / "ddim" / "results.json").read_text())
+    assert reused["seconds"] == out["claims"]["ddim"]["seconds"]
 
 
 def test_numbers_are_consistent(quick_run):

@@ -12,7 +12,8 @@ there. Budget: at most 60 minutes on an idle 2-core CPU (training about 25 minut
 scoring the rest): an estimate, not yet measured; each claim's seconds are in the report.
 Latent vs pixel needs the shapes runs' workdirs
 (`--config.claims.latent_vs_pixel.workdirs.ldm_unet=...`, see its config) and is "not run"
-without them. A rerun with the same workdir reuses trained models and retrains nothing.
+without them. A rerun with the same workdir reuses trained models (retrains nothing) and the
+results of claims whose config did not change (recomputes only the changed claims).
 `:runlocal` runs every claim's runlocal variant (tests).
 """
 
