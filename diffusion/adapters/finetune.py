@@ -116,10 +116,17 @@ class FineTuneTask(tasks.DiffusionTask):
         """The concept's (and class images') latents as a tfds dataset, written once."""
         out = os.path.join(data.default_data_dir(data_cfg.get("data_dir") or None),
                            "finetune_caches")  # fmt: skip
-        name = f"finetune_{self._digest()}"
+        n = self._num_records(data_cfg.batch_size)
+        name = f"finetune_{self._digest()}_{n}"
         if not os.path.isdir(os.path.join(out, name)):
-            _write(self, name, out, data_cfg.batch_size)
+            _write(self, name, out, n)
         return name, out
+
+    def _num_records(self, batch_size: int) -> int:
+        """Instance images (and class images) repeat up to the largest batch the run draws:
+        a training batch or the sample grid's (train.py reads one of sampling.num_images)."""
+        n = max(self.concept.num_images, self.prior.num_images)
+        return max(n, batch_size, self.sampling.num_images)
 
     def _digest(self) -> str:
         spec = [dataclasses.asdict(self.concept), dataclasses.asdict(self.prior)]
@@ -179,7 +186,7 @@ def _sample_latents(task: FineTuneTask, prompts: list[str], shape, batch: int = 
     return z / task.latents.scaling_factor + task.latents.shift_factor
 
 
-def _write(task: FineTuneTask, name: str, out: str, batch_size: int) -> None:
+def _write(task: FineTuneTask, name: str, out: str, n: int) -> None:
     """Encode the concept images (and sample the class latents) into dataset `name`."""
     import tensorflow_datasets as tfds
 
@@ -193,7 +200,6 @@ def _write(task: FineTuneTask, name: str, out: str, batch_size: int) -> None:
     latents = task.latents.encode_unscaled(images.astype(np.float32) / 127.5 - 1.0)
     features = {"latent": tfds.features.Tensor(shape=latents.shape[1:], dtype=np.float32),
                 "caption": tfds.features.Text()}  # fmt: skip
-    n = max(len(latents), p.num_images, batch_size)
     if p.num_images:
         _, class_captions = concepts.examples(c.kind, p.num_images, p.seed + 1000)
         class_captions = [concepts.class_prompt(t) for t in class_captions]
