@@ -83,23 +83,6 @@ def _base_data(task) -> str:
     return DATA
 
 
-def _generator(task, model, n, seed, image_size):
-    """gen(prompts) -> (P, n, H, W, 3) images in [-1, 1]: one compiled program for all."""
-    s, params = _setting(task), nnx.state(model)
-    shape = _shape(task, image_size)
-    fn = eval_text2img.prompt_program(task, model, shape, n, method=s["method"],
-                                      num_steps=s["num_steps"], guidance=s["guidance"],
-                                      grid=s["grid"])  # fmt: skip
-
-    def gen(prompts):
-        ids = np.asarray(task.conditioning.tokenizer(prompts))
-        z = [fn(params, ids[p], jax.random.fold_in(jax.random.key(seed), p))
-             for p in range(len(prompts))]  # fmt: skip
-        return np.stack([np.clip(np.asarray(task.to_pixels(x)), -1.0, 1.0) for x in z])
-
-    return gen
-
-
 def eval_concept(task, model, n, seed, judge, data_dir, num_prompts=16, standard=(16, 8, 8)):
     """LoRA / DreamBooth measures (module docstring) for the tuned model and its base;
     `standard`: eval_text2img.eval_prompts' (single, seen, unseen) counts."""
@@ -117,7 +100,9 @@ def eval_concept(task, model, n, seed, judge, data_dir, num_prompts=16, standard
     real = shapes_judge.real_images(data_name, "test", data_dir)[0]
     out, grids = {}, {}
     for who, t, m in (("base", base_task, base_model), ("tuned", task, model)):
-        gen, r = _generator(t, m, n, seed, task.concept.image_size or 32), {}
+        shape = _shape(t, task.concept.image_size or 32)
+        gen = eval_text2img.generator(t, m, shape, n, jax.random.key(seed), **_setting(t))
+        r = {}
         x = gen(sets["concept"])
         marks = np.stack([hit(row) for row in x])  # (P, N)
         r["concept_rate"] = float(marks.mean())
@@ -223,9 +208,17 @@ def evaluate(workdir, num_per_prompt=8, num_control=64, seed=0, judge_path=eval_
     return result
 
 
-def training_memory(cfg, batch=None) -> dict:
+def _first_batch(task, cfg) -> dict:
+    """The first prepared training batch of the run's data."""
+    from diffusion import train
+
+    source = task.dataset(cfg.data)
+    return task.prepare_batch(next(iter(train._pipeline(source, cfg.data.batch_size, 0))))
+
+
+def training_memory(cfg, batch) -> dict:
     """Parameter counts and XLA memory analysis of one compiled training step of `cfg` on one
-    device (`batch`: a prepared batch; default the first of the run's data)."""
+    device, on a prepared `batch`."""
     from diffusion import train
     from diffusion.train_state import frozen_weights, make_optimizer, state_fns
 
@@ -236,16 +229,12 @@ def training_memory(cfg, batch=None) -> dict:
         graphdef, init_fn = state_fns(task, tx, cfg.seed)
         abstract = jax.eval_shape(init_fn)
         frozen = frozen_weights(task, cfg.seed, mesh)
-        if batch is None:
-            source = task.dataset(cfg.data)
-            batch = task.prepare_batch(next(iter(train._pipeline(source, cfg.data.batch_size, 0))))
         step = jax.jit(train.make_train_step(task, graphdef, tx, lr, cfg), donate_argnums=0)
         mem = step.lower(abstract, frozen, batch).compile().memory_analysis()
-    size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
     nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-    out = {"method": getattr(task, "method", cfg.task), "trained_params": size(abstract["params"]),
-           "frozen_params": size(frozen), "state_bytes": nbytes(abstract),
-           "frozen_bytes": nbytes(frozen)}  # fmt: skip
+    out = {"method": getattr(task, "method", cfg.task),
+           "trained_params": train._size(abstract["params"]), "frozen_params": train._size(frozen),
+           "state_bytes": nbytes(abstract), "frozen_bytes": nbytes(frozen)}  # fmt: skip
     for k in ("argument", "output", "temp", "alias"):
         out[f"{k}_bytes"] = int(getattr(mem, f"{k}_size_in_bytes", 0))
     out["peak_bytes_estimate"] = out["argument_bytes"] + out["temp_bytes"]
@@ -260,11 +249,7 @@ def memory_comparison(workdir) -> list[dict]:
         raise ValueError(f"--memory compares LoRA and full fine-tuning; {workdir} is {cfg.task!r}")
     other = cfg.copy_and_resolve_references()
     other.finetune.method = "full" if cfg.finetune.method == "lora" else "lora"
-    task = tasks.from_config(cfg)
-    from diffusion import train
-
-    batch = task.prepare_batch(next(iter(train._pipeline(task.dataset(cfg.data),
-                                                         cfg.data.batch_size, 0))))  # fmt: skip
+    batch = _first_batch(tasks.from_config(cfg), cfg)
     rows = [training_memory(c, batch) for c in (cfg, other)]
     with open(os.path.join(workdir, "eval_finetune_memory.json"), "w") as f:
         json.dump(rows, f, indent=2)

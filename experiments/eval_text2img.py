@@ -74,19 +74,28 @@ def prompt_program(task, model, shape, num_per_prompt, *, method, num_steps, gui
     return fn
 
 
-def generate(task, model, shape, prompts, num_per_prompt, rng, *, method, num_steps, guidance,
-             grid):  # fmt: skip
-    """(len(prompts), num_per_prompt, H, W, 3) images in [-1, 1] from samples of `shape`
-    (h, w, c: latents or pixels); one compiled program serves every prompt."""
+def generator(task, model, shape, num_per_prompt, rng, *, method, num_steps, guidance, grid):
+    """gen(prompts) -> (len(prompts), num_per_prompt, H, W, 3) images in [-1, 1] from samples
+    of `shape` (h, w, c: latents or pixels), prompt p drawn with fold_in(rng, p); one compiled
+    program serves every prompt of every call."""
     params = nnx.state(model)
-    ids = np.asarray(task.conditioning.tokenizer(prompts))  # (P, L)
     fn = prompt_program(task, model, tuple(shape), num_per_prompt, method=method,
                         num_steps=num_steps, guidance=guidance, grid=grid)  # fmt: skip
-    out = []
-    for p in range(len(prompts)):
-        z = fn(params, ids[p], jax.random.fold_in(rng, p))
-        out.append(np.clip(np.asarray(task.to_pixels(z)), -1.0, 1.0))
-    return np.stack(out)
+
+    def gen(prompts):
+        ids = np.asarray(task.conditioning.tokenizer(prompts))  # (P, L)
+        out = []
+        for p in range(len(prompts)):
+            z = fn(params, ids[p], jax.random.fold_in(rng, p))
+            out.append(np.clip(np.asarray(task.to_pixels(z)), -1.0, 1.0))
+        return np.stack(out)
+
+    return gen
+
+
+def generate(task, model, shape, prompts, num_per_prompt, rng, **setting):
+    """generator(...)(prompts): the images of one prompt list."""
+    return generator(task, model, shape, num_per_prompt, rng, **setting)(prompts)
 
 
 def _flops(fn, *args) -> float:

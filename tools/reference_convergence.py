@@ -3,7 +3,8 @@ model, from the same x_T: which one is converged enough to be a reference soluti
 
     python -m tools.reference_convergence --workdir /work/runs/reproduce/models/digits_eps-...
 
-Draws one sample per class (10) with each `method@steps` and prints the RMS distance of each to
+Draws one sample per class (10) with each `method[:option=value]@steps` (parsed as the sweep's
+`reference`) and prints the RMS distance of each to
 DDIM at `--ref_steps` (default 1000, every training step of a 1000-step DDPM table).
 """
 
@@ -15,6 +16,7 @@ from absl import app, flags, logging
 from diffusion import tasks
 from diffusion.train_state import restore_ema
 from diffusion.workdir import markdown_table, read_config
+from experiments import sweep_samplers
 
 SETTINGS = "ddim@200,dpmpp_2m@100,dpmpp_2m@200,rk4@50,rk4@100,heun@100"
 
@@ -26,15 +28,15 @@ def distances(workdir: str, settings: str = SETTINGS, ref_steps: int = 1000) -> 
     m = cfg.model.config
     cond = {"class_labels": jnp.arange(10, dtype=jnp.int32)}
     shape = (10, m.sample_size, m.sample_size, m.in_channels)
-    draw = lambda method, n: np.asarray(
-        task.sample(model, jax.random.key(0), cond, shape, method=method, num_steps=n)
+    draw = lambda method, n, **kw: np.asarray(
+        task.sample(model, jax.random.key(0), cond, shape, method=method, num_steps=n, **kw)
     )
     ref = draw("ddim", ref_steps)
     rows = []
-    for s in settings.split(","):
-        method, steps = s.split("@")
-        x = draw(method, int(steps))
-        rows.append({"setting": s, "rms_to_ddim": float(np.sqrt(np.mean((x - ref) ** 2)))})
+    for spec in settings.split(","):
+        s = sweep_samplers.parse_reference(spec)  # checks the method is deterministic
+        x = draw(s.method, s.num_steps, **dict(s.options))
+        rows.append({"setting": spec, "rms_to_ddim": float(np.sqrt(np.mean((x - ref) ** 2)))})
     return rows
 
 
