@@ -77,6 +77,40 @@ def test_eval_text2img_scores_with_the_judge(runs):
     assert json.loads((ldm_dir / "eval_vae_ceiling.json").read_text()) == c
 
 
+def test_caption_use_errors_match_the_samplers_denoiser(runs):
+    """eval_caption_use's x0 error with the own caption equals the one computed through the
+    sampling path (task.denoiser at guidance 1) from the same noise, and so does the error with
+    the empty prompt (tokenized here, not taken from the conditioning's null)."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion import tasks
+    from diffusion.train_state import restore_ema
+    from diffusion.workdir import read_config
+    from experiments import eval_caption_use
+
+    _, ldm_dir, _, _ = runs
+    r = eval_caption_use.caption_use(str(ldm_dir), num_examples=8, times=(0.9,))
+    assert r["checkpoint_step"] == 12 and r["num_examples"] == 8 and len(r["rows"]) == 1
+    cfg = read_config(str(ldm_dir))
+    task = tasks.from_config(cfg)
+    model, _ = restore_ema(cfg, task, str(ldm_dir))
+    batch = eval_caption_use._examples(task, cfg, 8)
+    x0 = jnp.asarray(batch.pop("x"))
+    eps = jax.random.normal(jax.random.key(0), x0.shape, x0.dtype)
+    s = task.schedule
+    for row in r["rows"]:
+        t = jnp.float32(row["t"])
+        x_t = s.alpha(t) * x0 + s.sigma(t) * eps
+        for name, cond in (("own", {k: jnp.asarray(v) for k, v in batch.items()}),
+                           ("empty", {"input_ids": jnp.asarray(
+                               task.conditioning.tokenizer([""] * 8))})):  # fmt: skip
+            x0_hat = jax.jit(lambda x, t, c: task.denoiser(model, c, 1.0)(x, t))(x_t, t, cond)
+            np.testing.assert_allclose(row[name], float(jnp.mean((x0_hat - x0) ** 2)), rtol=1e-4)
+        assert row["gain"] == pytest.approx(row["empty"] / row["own"])
+    assert json.loads((ldm_dir / "eval_caption_use.json").read_text()) == r
+
+
 def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path):
     """diffusers' StableDiffusionPipeline on the exported folder, given our initial latents and
     the exported DPMSolverMultistepScheduler (trailing), draws the images we draw (<= 2e-3), at
