@@ -7,6 +7,7 @@ take a file lock, so whichever worker gets there first trains and the others rea
 
 import json
 
+import numpy as np
 from filelock import FileLock
 
 from configs import shapes_ldm_unet, shapes_vae
@@ -42,3 +43,35 @@ def tiny_ldm_runs(tmp_path_factory, worker_id: str):
             done.write_text(json.dumps({k: v for k, v in summary.items() if k != "state"}))
         summary = json.loads(done.read_text())
     return root / "vae", root / "ldm", root / "tfds", summary
+
+
+FINETUNE_STEPS = 3
+
+
+def finetune_run(cfg, section, tiny_ldm, workdir):
+    """Train a fine-tuning config (section: the config entry naming the base) on the tiny LDM run,
+    shortened to FINETUNE_STEPS steps on one device without a sample grid."""
+    _, ldm_dir, data_dir, _ = tiny_ldm
+    cfg[section].base = str(ldm_dir)
+    cfg.data.data_dir = str(data_dir)
+    cfg.mesh = ONE_DEVICE
+    cfg.total_steps, cfg.ckpt_every, cfg.log_every = FINETUNE_STEPS, FINETUNE_STEPS, 1
+    cfg.sample.every = 0  # a sampling program per run would double the compile time
+    return train.train(cfg, str(workdir))
+
+
+def flat_params(model, filt=None) -> dict:
+    """{path: array} of the model's parameters (or of the variables `filt` selects)."""
+    from flax import nnx
+
+    state = nnx.state(model, filt or nnx.Param)
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+def jit_call(fn, model):
+    """fn(model) as one compiled program (eager U-Net calls compile op by op: far slower)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda st: fn(nnx.merge(graphdef, st)))(state)

@@ -4,50 +4,25 @@ configs' :runlocal variants train end to end (shortened to 3 steps) from that ba
 LoRA trains only the adapters: the checkpoint holds adapter leaves only, the base weights come
 back bit-identical, and the reported count is rank * (fan_in + fan_out) per adapted layer.
 DreamBooth runs with and without prior preservation, and its loss is eq. 2 of Ruiz et al.
-(2023) on a hand-computed case. The ControlNet run starts as the base U-Net exactly (zero
-convolutions) and only the ControlNet's weights move.
+(2023) on a hand-computed case. The ControlNet run: tests/test_controlnet_train.py.
 """
 
 import dataclasses
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from _ldm_fixtures import ONE_DEVICE
+from _ldm_fixtures import FINETUNE_STEPS, finetune_run, flat_params, jit_call
 from flax import nnx
 from PIL import Image
 
-from configs import shapes_controlnet, shapes_dreambooth, shapes_lora
-from diffusion import checkpoint, sharding, tasks, train
-from diffusion.adapters import base, concepts, control, finetune, lora
-from diffusion.train_state import from_pretrained, frozen_weights, restore_ema, state_fns
+from configs import shapes_dreambooth, shapes_lora
+from diffusion import checkpoint, tasks
+from diffusion.adapters import base, concepts, finetune, lora
+from diffusion.train_state import restore_ema
 from diffusion.workdir import read_config
-
-STEPS = 3
-
-
-def _run(cfg, section, tiny_ldm, workdir):
-    _, ldm_dir, data_dir, _ = tiny_ldm
-    cfg[section].base = str(ldm_dir)
-    cfg.data.data_dir = str(data_dir)
-    cfg.mesh = ONE_DEVICE
-    cfg.total_steps, cfg.ckpt_every, cfg.log_every = STEPS, STEPS, 1
-    cfg.sample.every = 0  # a sampling program per run would double the compile time
-    return train.train(cfg, str(workdir))
-
-
-def _flat(model, filt=nnx.Param) -> dict:
-    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, filt))}
-
-
-def _jit_call(fn, model):
-    """fn(model) as one compiled program (eager U-Net calls compile op by op: far slower)."""
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda st: fn(nnx.merge(graphdef, st)))(state)
 
 
 def _saved_params(workdir) -> dict:
@@ -62,14 +37,14 @@ def _saved_params(workdir) -> dict:
 @pytest.fixture(scope="module")
 def lora_run(tiny_ldm, tmp_path_factory):
     wd = tmp_path_factory.mktemp("lora")
-    return wd, _run(shapes_lora.get_config("runlocal"), "finetune", tiny_ldm, wd)
+    return wd, finetune_run(shapes_lora.get_config("runlocal"), "finetune", tiny_ldm, wd)
 
 
 def test_lora_trains_only_the_adapters(tiny_ldm, lora_run):
     wd, summary = lora_run
     cfg = read_config(str(wd))
     _, base_model = base.load_base(str(tiny_ldm[1]))
-    base_params = _flat(base_model)
+    base_params = flat_params(base_model)
 
     # The count is rank * (fan_in + fan_out) for each adapted layer (kernel (..., in, out)).
     rank, want = cfg.finetune.lora.rank, 0
@@ -87,12 +62,12 @@ def test_lora_trains_only_the_adapters(tiny_ldm, lora_run):
     assert len(saved) and all(("lora" in p) and p[-1] in ("down", "up") for p in saved), saved
     assert sum(v.size for v in saved.values()) == want
     model, step = restore_ema(cfg, tasks.from_config(cfg), str(wd))
-    assert step == STEPS
-    after = _flat(model, nnx.All(nnx.Param, nnx.Not(lora.LoRAParam)))
+    assert step == FINETUNE_STEPS
+    after = flat_params(model, nnx.All(nnx.Param, nnx.Not(lora.LoRAParam)))
     assert after.keys() == base_params.keys()
     for p, v in base_params.items():
         np.testing.assert_array_equal(after[p], v, err_msg=str(p))
-    ups = [v for p, v in _flat(model, lora.LoRAParam).items() if p[-1] == "up"]
+    ups = [v for p, v in flat_params(model, lora.LoRAParam).items() if p[-1] == "up"]
     assert all(np.abs(u).max() > 0 for u in ups)  # up starts at 0; every adapter trained
 
 
@@ -108,8 +83,8 @@ def test_lora_run_exports_a_diffusers_file(lora_run, tmp_path):
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 4))
     ehs = jax.random.normal(jax.random.key(1), (1, 8, unet.config.cross_attention_dim))
     t = jnp.asarray([500])
-    got = _jit_call(lambda m: m(x, t, ehs), unet)
-    want = _jit_call(lambda m: m(x, t, ehs), model.denoiser)
+    got = jit_call(lambda m: m(x, t, ehs), unet)
+    want = jit_call(lambda m: m(x, t, ehs), model.denoiser)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -149,8 +124,8 @@ def test_dreambooth_runs_with_prior_and_builds_both_datasets(tiny_ldm, tmp_path)
     """prior=True trains (class images drawn by the base model); prior=False builds the instance
     set alone (its training step is the LoRA run's)."""
     cfg = shapes_dreambooth.get_config("runlocal,prior=True")
-    summary = _run(cfg, "finetune", tiny_ldm, tmp_path / "prior")
-    assert np.isfinite(summary["final_loss"]) and summary["checkpoints"] == [STEPS]
+    summary = finetune_run(cfg, "finetune", tiny_ldm, tmp_path / "prior")
+    assert np.isfinite(summary["final_loss"]) and summary["checkpoints"] == [FINETUNE_STEPS]
     batch = _first_batch(tasks.from_config(read_config(str(tmp_path / "prior"))), cfg.data)
     assert all(concepts.SUBJECT_TOKEN in c for c in map(str, batch["caption"]))
     # class examples: the base model's samples for the captions without the token
@@ -190,48 +165,3 @@ def test_prior_preservation_loss_is_eq_2(tiny_ldm):
     want = np.mean(x**2, axis=(1, 2, 3)).mean() + 0.25 * np.mean(x_cls**2, axis=(1, 2, 3)).mean()
     loss, _ = task.loss(nnx.Module(), jax.tree.map(jnp.asarray, batch), jax.random.key(0))
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
-
-
-def test_controlnet_starts_as_the_base_and_trains(tiny_ldm, tmp_path):
-    cfg = shapes_controlnet.get_config("runlocal")
-    summary = _run(cfg, "controlnet", tiny_ldm, tmp_path)
-    task = tasks.from_config(read_config(str(tmp_path)))
-    base_task, base_model = task.base()
-
-    # Step 0 (the state train.py builds): the controlled U-Net predicts what the base does.
-    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    graphdef, init_fn = state_fns(task, optax.sgd(0.0), cfg.seed)
-    state = from_pretrained(task, jax.jit(init_fn)())  # one compiled init, not eager ops
-    frozen = frozen_weights(task, cfg.seed, mesh)
-    model = nnx.merge(graphdef, state["params"], frozen, state["rest"])
-    keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (2, 16, 16, 4))  # latents of 32 px images
-    ids = jnp.asarray(base_task.conditioning.tokenizer(["a red circle", "a blue square"]))
-    layout = jax.random.bernoulli(keys[1], 0.3, (2, 32, 32, 3)).astype(jnp.float32)
-    t = jnp.asarray([100.0, 700.0])
-    want = _jit_call(lambda m: base_task.model_fn(m, x, t, {"input_ids": ids}), base_model)
-    got = _jit_call(
-        lambda m: task.model_fn(control._WithControl(m, layout), x, t, {"input_ids": ids}), model
-    )
-    np.testing.assert_array_equal(got, want)
-
-    # After training: only the ControlNet moved (zero convolutions left zero).
-    trained, _ = restore_ema(read_config(str(tmp_path)), task, str(tmp_path))
-    assert summary["trained_params"] == sum(v.size for v in _flat(trained.controlnet).values())
-    after = _flat(trained)
-    for p, v in _flat(base_model).items():
-        np.testing.assert_array_equal(after[p], v, err_msg=str(p))
-    zero = _flat(trained.controlnet.controlnet_mid_block)
-    assert all(np.abs(v).max() > 0 for v in zero.values())
-
-    # eval_finetune: the same test examples with and without control, IoU with their layouts
-    from experiments import eval_finetune
-
-    r = eval_finetune.evaluate(str(tmp_path), num_control=3)
-    assert r["kind"] == "controlnet" and r["num_examples"] == 3
-    for who in ("base", "controlled"):
-        assert 0.0 <= r[who]["mask_iou"] <= 1.0 and 0.0 <= r[who]["adherence"] <= 1.0
-    saved = json.loads((tmp_path / "eval_finetune.json").read_text())
-    assert saved["controlled"] == r["controlled"]
-    grid = Image.open(tmp_path / "eval_finetune.png")  # control, base, controlled rows of 3
-    assert grid.size == (360 + 3 * (2 * 32 + 6), 3 * (2 * 32 + 6))
