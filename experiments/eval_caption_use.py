@@ -6,11 +6,14 @@
 For held-out (test split) examples x0 and fixed noise, the EMA denoiser's x0 estimate at time t
 is scored (mean squared error to x0, in the model's data space: scaled latents or pixels) with
 three conditions: the example's own caption, another example's caption (a shuffle), and the
-empty prompt. A denoiser that reads its prompt has error(own) < error(empty) <= error(shuffled)
-where the caption decides the image, which is the high-noise end: there the composition
-(background, colours, places) is not yet visible in x_t. `gain` = error(empty) / error(own)
-says how much the caption helps (1 = not at all). The first shapes_ldm_unet run (eps prediction)
-had gain below 1 at every t: its prompts did not bind (benchmarks/results/shapes_ldm_unet).
+empty prompt. `reliance` = error(shuffled) / error(own) says how much the denoiser acts on its
+caption (1 = it ignores it); `gain` = error(empty) / error(own) how much the right caption
+improves on none. Gain stays near 1 even for a model that follows its prompts, because by the
+time x_t shows anything the caption could add (the background, the colours) x_t reveals it too,
+and the error left is in details neither decides; reliance is the telling number. The first
+shapes_ldm_unet run (eps prediction) had reliance 1.03-1.15 and gain below 1 at every t: it
+barely read its captions (benchmarks/results/shapes_ldm_unet/eps); the v-prediction run's
+reliance is 1.5-2.6 (benchmarks/results/shapes_ldm_unet).
 Writes eval_caption_use.json and prints a table.
 """
 
@@ -41,7 +44,7 @@ def _examples(task, cfg, n: int) -> dict:
 
 def caption_use(workdir: str, step: int | None = None, num_examples: int = 256,
                 times=TIMES, seed: int = 0) -> dict:  # fmt: skip
-    """{"rows": [{t, own, shuffled, empty, gain}], ...}; x0 errors of the EMA model."""
+    """{"rows": [{t, own, shuffled, empty, reliance, gain}], ...}; x0 errors of the EMA model."""
     cfg = read_config(workdir)
     task = tasks.from_config(cfg)
     if not hasattr(task.conditioning, "tokenizer"):
@@ -68,7 +71,8 @@ def caption_use(workdir: str, step: int | None = None, num_examples: int = 256,
         t = jnp.float32(t)
         e = {k: float(x0_error(c, t)) for k, c in (("own", own), ("shuffled", shuffled),
                                                     ("empty", empty))}  # fmt: skip
-        rows.append({"t": float(t), **e, "gain": e["empty"] / e["own"]})
+        rows.append({"t": float(t), **e, "reliance": e["shuffled"] / e["own"],
+                     "gain": e["empty"] / e["own"]})  # fmt: skip
     out = {"checkpoint_step": int(step), "prediction_type": ptype, "num_examples": n,
            "data_variance": float(jnp.var(x0)), "rows": rows}  # fmt: skip
     with open(os.path.join(workdir, "eval_caption_use.json"), "w") as f:
@@ -82,7 +86,7 @@ def main(argv):
     f = flags.FLAGS
     times = tuple(float(t) for t in f.times.split(","))
     r = caption_use(f.workdir, f.step, f.num_examples, times)
-    print(markdown_table(r["rows"], ["t", "own", "shuffled", "empty", "gain"]))
+    print(markdown_table(r["rows"], ["t", "own", "shuffled", "empty", "reliance", "gain"]))
     print(f"step {r['checkpoint_step']} ({r['prediction_type']} prediction): x0 squared error per "
           f"element with the own / a shuffled / the empty caption; data variance "
           f"{r['data_variance']:.3f}")  # fmt: skip

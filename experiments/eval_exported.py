@@ -22,7 +22,7 @@ from diffusion.metrics import shapes_judge
 from experiments import eval_text2img
 
 
-def _diffusers_images(folder, prompts, n, num_steps, guidance, seed):
+def _diffusers_images(folder, prompts, n, num_steps, guidance, seed, batch=128):
     import diffusers
     import torch
 
@@ -34,12 +34,15 @@ def _diffusers_images(folder, prompts, n, num_steps, guidance, seed):
     call = {"max_sequence_length": 0} if "transformer" in index else {}
     out = []
     gen = torch.Generator().manual_seed(seed)
-    for p in prompts:
+    per_call = max(1, batch // n)  # prompts per pipeline call: one call per prompt is slow
+    for i in range(0, len(prompts), per_call):
+        chunk = [p for p in prompts[i : i + per_call] for _ in range(n)]
         with torch.no_grad():
-            img = pipe([p] * n, num_inference_steps=num_steps, guidance_scale=guidance,
+            img = pipe(chunk, num_inference_steps=num_steps, guidance_scale=guidance,
                        output_type="np", generator=gen, **call).images  # fmt: skip
         out.append(img)
-    return np.stack(out)  # (P, N, H, W, 3) in [0, 1]
+    images = np.concatenate(out)
+    return images.reshape(len(prompts), n, *images.shape[1:])  # (P, N, H, W, 3) in [0, 1]
 
 
 def _jax_images(folder, prompts, n, num_steps, guidance, seed):

@@ -108,6 +108,7 @@ def test_caption_use_errors_match_the_samplers_denoiser(runs):
             x0_hat = jax.jit(lambda x, t, c: task.denoiser(model, c, 1.0)(x, t))(x_t, t, cond)
             np.testing.assert_allclose(row[name], float(jnp.mean((x0_hat - x0) ** 2)), rtol=1e-4)
         assert row["gain"] == pytest.approx(row["empty"] / row["own"])
+        assert row["reliance"] == pytest.approx(row["shuffled"] / row["own"])
     assert json.loads((ldm_dir / "eval_caption_use.json").read_text()) == r
 
 
