@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from diffusion import data, predictions, tasks
+from diffusion import predictions, tasks
+from diffusion.metrics import shapes_judge
 from diffusion.train_state import restore_ema
 from diffusion.workdir import markdown_table, read_config
 
@@ -35,9 +36,10 @@ TIMES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def _examples(task, cfg, n: int) -> dict:
+    """The first n test examples of the run's data (its latent cache for a latent run), prepared
+    as a training batch."""
     name, data_dir = task.dataset(cfg.data)
-    source = data.load_source(name, "test", data_dir)
-    records = source.__getitems__(list(range(min(n, len(source)))))
+    records = shapes_judge.real_examples(name, "test", data_dir, limit=n)
     batch = {k: np.stack([r[k] for r in records]) for k in records[0]}
     return task.prepare_batch(batch)
 
