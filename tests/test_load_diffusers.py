@@ -149,7 +149,9 @@ def test_save_then_from_pretrained(case, shard, tmp_path):
         shard == "sharded"
     )
     lib = transformers if name.startswith("CLIP") else diffusers
-    reloaded = getattr(lib, name).from_pretrained(str(tmp_path)).eval()
+    reloaded, info = getattr(lib, name).from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # nothing re-initialised
+    reloaded = reloaded.eval()
     got = torch_outputs(name, reloaded, case["torch_args"])
     for a, b in zip(got, case["ref"]):
         np.testing.assert_array_equal(a, b)

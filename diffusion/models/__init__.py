@@ -246,6 +246,8 @@ def save_diffusers(model: nnx.Module, path: str, *, max_shard_size: int | str = 
     stem = _WEIGHT_STEMS[1] if is_transformers else _WEIGHT_STEMS[0]
     abstract = convert.abstract_torch_state_dict(model)
     sizes = {k: int(np.prod(s)) * jnp.dtype(d).itemsize for k, (s, d) in abstract.items()}
+    buffers = convert.persistent_buffers(model)
+    sizes.update({k: v.nbytes for k, v in buffers.items()})
     shards = _shards(sizes, _parse_size(max_shard_size))
     names = (
         [f"{stem}.safetensors"]
@@ -254,6 +256,7 @@ def save_diffusers(model: nnx.Module, path: str, *, max_shard_size: int | str = 
     )
     for keys, name in zip(shards, names):  # one shard in host memory at a time
         tensors = convert.to_torch_state_dict(model, keys=keys)
+        tensors.update({k: buffers[k] for k in keys if k in buffers})
         save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {

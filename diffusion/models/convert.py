@@ -171,6 +171,15 @@ def _torch_items(model: nnx.Module) -> Iterator[tuple[str, str, nnx.Variable]]:
             yield key, leaf, var
 
 
+def persistent_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Tensors the PyTorch class saves but we compute rather than hold (its persistent buffers,
+    e.g. SD3's sin-cos position table), from the model's optional
+    ``torch_persistent_buffers()``. Loading ignores them; ``save_diffusers`` writes them so that
+    ``from_pretrained`` finds every key it expects."""
+    fn = getattr(model, "torch_persistent_buffers", None)
+    return {} if fn is None else fn()
+
+
 def to_torch_state_dict(model: nnx.Module, *, keys=None) -> dict[str, np.ndarray]:
     """The module's variables as a PyTorch-layout state dict of numpy arrays (inverse of load).
 

@@ -135,7 +135,8 @@ class PatchEmbed(nnx.Module):
 
     With `pos_embed_max_size` the positions come from a (max, max) grid cropped at the centre
     to the latent's (h, w) patches. The positions are computed, not learned: the checkpoint's
-    `pos_embed.pos_embed` buffer is ignored (see `SD3Transformer.torch_key_map`).
+    `pos_embed.pos_embed` buffer is ignored on load (`SD3Transformer.torch_key_map`) and
+    written on save (`SD3Transformer.torch_persistent_buffers`).
     """
 
     def __init__(self, cfg: MMDiTConfig, *, rngs, dtype, param_dtype):
@@ -350,6 +351,16 @@ class SD3Transformer(nnx.Module):
     def torch_key_map(key: str) -> str | None:
         """The sin-cos `pos_embed.pos_embed` buffer is recomputed, never loaded."""
         return None if key == "pos_embed.pos_embed" else key
+
+    def torch_persistent_buffers(self) -> dict[str, np.ndarray]:
+        """diffusers keeps PatchEmbed's full (max, max) sin-cos table as a persistent buffer
+        when pos_embed_max_size is set (SD3's files hold it); saving it spares diffusers'
+        from_pretrained a "newly initialized" warning on our exports."""
+        m = self.config.pos_embed_max_size
+        if m is None:
+            return {}
+        grid = _grid(m, self.pos_embed.base_size)
+        return {"pos_embed.pos_embed": _sincos_2d(self.config.inner_dim, grid, grid)[None]}
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         """hidden_states (B, H, W, C) latents; encoder_hidden_states (B, L, joint_attention_dim);
