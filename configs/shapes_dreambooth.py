@@ -15,7 +15,7 @@ eval_finetune measures the share of samples of 16 "a sks square ..." prompts tha
 subject (concepts.is_subject), the judge's adherence on 16 ordinary "a <colour> square ..."
 prompts and on the 32 standard prompts (prior preservation should keep these near the base's;
 the difference between the two runs is its measured benefit), and how often plain "a square
-..." prompts drift to the subject. Results: benchmarks/results/shapes_dreambooth/ once run.
+..." prompts drift to the subject. Results: benchmarks/results/shapes_dreambooth/.
 `:runlocal` trains 6 steps (4 class images when prior=true).
 """
 
@@ -43,8 +43,12 @@ def get_config(arg=None):
     c.finetune = finetune("subject", 6, v.method)
     c.finetune.prior.num_images = 200 if v.prior else 0
     c = common_settings(c, PROMPTS, 400, v.runlocal)
+    # LoRA at 1e-4 learnt the subject's colours but not its shape in 400 steps (2 of 32 samples);
+    # 5e-4 draws it in 13-15 of 32 (benchmarks/results/shapes_dreambooth/README.md).
     if v.method == "full":
         c.optim.lr = 2e-5
+    elif not v.runlocal:
+        c.optim.lr = 5e-4
     if v.runlocal:
         c.data.batch_size = 2
         c.finetune.lora.rank = 2
