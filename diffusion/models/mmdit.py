@@ -359,8 +359,8 @@ class SD3Transformer(nnx.Module):
         m = self.config.pos_embed_max_size
         if m is None:
             return {}
-        grid = _grid(m, self.pos_embed.base_size)
-        return {"pos_embed.pos_embed": _sincos_2d(self.config.inner_dim, grid, grid)[None]}
+        # the uncropped table: PatchEmbed's positions for a full (max, max)-patch latent
+        return {"pos_embed.pos_embed": self.pos_embed.positions(m, m, self.config.inner_dim)[None]}
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         """hidden_states (B, H, W, C) latents; encoder_hidden_states (B, L, joint_attention_dim);
