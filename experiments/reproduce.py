@@ -186,12 +186,14 @@ def run_quick(cfg, workdir: str) -> dict:
 
 
 def export(workdir: str, dest: str, claims: list[str]) -> None:
-    """Copy report.md / results.json and each claim's report, JSON and plots (no models)."""
+    """Copy report.md / results.json and each claim's report, JSON, plots and compute curves (no
+    models)."""
     for sub in ["", *claims]:
         os.makedirs(os.path.join(dest, sub), exist_ok=True)
         src = os.path.join(workdir, sub)
         for name in sorted(os.listdir(src)):
-            if name in ("report.md", "results.json") or (sub and name.endswith(".png")):
+            keep = name.endswith(".png") or name.endswith("_curve.json")  # plots, curves
+            if name in ("report.md", "results.json") or (sub and keep):
                 shutil.copy(os.path.join(src, name), os.path.join(dest, sub, name))
 
 

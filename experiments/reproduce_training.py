@@ -7,6 +7,8 @@ Same contract as reproduce_sampling.py: `claim(cfg, ctx) -> {"table", "plots", "
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 
 import numpy as np
@@ -198,20 +200,60 @@ def compare(curves: dict, latent, pixel):
                   f"{at(p, c):.3f}")  # fmt: skip
 
 
+CURVE_KEYS = ("train_step", "train_flops", "adherence", "fd", "flops_per_image")
+
+
+def read_curve(path: str) -> dict:
+    """A compute curve file as latent_vs_pixel writes it (<claim workdir>/<run>_curve.json):
+    {"run", "workdir", "num_per_prompt", "date", "rows": [{CURVE_KEYS}]}."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"compute curve {path!r} does not exist (paths are relative to the directory the "
+            "command runs in, the repository root)"
+        )
+    with open(path) as f:
+        curve = json.load(f)
+    rows = curve.get("rows") if isinstance(curve, dict) else None
+    if not rows or any(k not in r for r in rows for k in CURVE_KEYS):
+        raise ValueError(
+            f"{path!r} is not a compute curve: expected a JSON object whose 'rows' each hold "
+            f"{list(CURVE_KEYS)}, as latent_vs_pixel writes them"
+        )
+    return curve
+
+
 def latent_vs_pixel(cfg, ctx) -> dict:
-    curves, rows = {}, []
-    for name, wd in cfg.workdirs.items():
+    """Each run's curve is measured from its workdir (cfg.workdirs) or, where none is given, read
+    from the curve file an earlier measurement wrote (cfg.curves); either way the curve is written
+    to <claim workdir>/<run>_curve.json, so an export keeps what a later quick run reads."""
+    curves, rows, sources = {}, [], []
+    files = cfg.get("curves") or {}
+    for name in sorted(set(cfg.workdirs) | set(files)):
+        wd, path = cfg.workdirs.get(name, ""), files.get(name, "")
         if wd:
-            curves[name] = text_curve(wd, cfg.num_per_prompt, ctx.data_dir or None)
-            rows += [r | {"model": name} for r in curves[name]]
+            curve = {"run": name, "workdir": wd, "num_per_prompt": cfg.num_per_prompt,
+                     "date": datetime.date.today().isoformat(),
+                     "rows": text_curve(wd, cfg.num_per_prompt, ctx.data_dir or None)}  # fmt: skip
+            sources.append(f"{name}: measured from {wd}")
+        elif path:
+            curve = read_curve(path)
+            sources.append(f"{name}: read from {path} (measured {curve.get('date', '?')} from "
+                           f"{curve.get('workdir', '?')}, {curve.get('num_per_prompt', '?')} "
+                           "samples per prompt)")  # fmt: skip
+        else:
+            continue
+        with open(ctx.file(f"{name}_curve.json"), "w") as f:
+            json.dump(curve, f, indent=2)
+        curves[name] = curve["rows"]
+        rows += [{k: r[k] for k in CURVE_KEYS} | {"model": name} for r in curve["rows"]]
     held, because = compare(curves, cfg.latent, cfg.pixel)
     if not rows:
         return {"table": "No runs given.", "plots": [], "held": None, "because": because,
                 "data": {}}  # fmt: skip
     cols = ["model", "train_step", "train_flops", "adherence", "fd", "flops_per_image"]
     table = ("Shapes judge's full-prompt adherence and FD in judge features of every kept "
-             "checkpoint; training compute = 3 x forward FLOPs x batch x steps.\n\n"
-             + markdown_table(rows, cols, ".3g"))  # fmt: skip
+             "checkpoint; training compute = 3 x forward FLOPs x batch x steps. Curves: "
+             + "; ".join(sources) + ".\n\n" + markdown_table(rows, cols, ".3g"))  # fmt: skip
     plot_quality(
         rows,
         ctx.file("latent_vs_pixel.png"),

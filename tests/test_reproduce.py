@@ -223,3 +223,36 @@ def test_claim_configs_document_themselves(name):
     assert cfg.claim == name and cfg.paper and cfg.held_means and not cfg.runlocal
     with pytest.raises(ValueError, match="unknown variants"):
         module.get_config("runlocall")
+
+
+def test_latent_vs_pixel_reads_and_rewrites_curve_files(tmp_path):
+    """A run without a workdir is read from its curve file; the verdict follows the files'
+    numbers; each curve is written back to the claim workdir (so an export keeps it); a file
+    that is not a curve is a clear error."""
+    rows = {"ldm": [(100, 1e9, 0.2), (200, 1e11, 0.8)], "pix": [(100, 1e9, 0.1), (200, 1e10, 0.3)]}
+    cfg = quick.get_config("runlocal").claims.latent_vs_pixel
+    cfg.workdirs, cfg.latent, cfg.pixel = {"ldm": "", "pix": ""}, ("ldm",), ("pix",)
+    cfg.curves = {}
+    for name, points in rows.items():
+        curve = {"run": name, "workdir": f"/runs/{name}", "num_per_prompt": 4, "date": "d",
+                 "rows": [{"train_step": s, "train_flops": f, "adherence": a, "fd": 1.0,
+                           "flops_per_image": 1e6} for s, f, a in points]}  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(curve))
+        cfg.curves[name] = str(tmp_path / f"{name}.json")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(reproduce_training, "plot_quality", lambda *a, **k: None)
+        m.setattr(reproduce_training, "text_curve", lambda *a: pytest.fail("measured a curve"))
+        out = reproduce.run_claim(cfg, str(tmp_path / "claim"))
+    assert out["held"] is True and "ldm adheres 0.500 against pix's 0.300" in out["because"]
+    assert f"ldm: read from {cfg.curves.ldm} (measured d from /runs/ldm" in out["table"]
+    for name in rows:
+        written = json.loads((tmp_path / "claim" / f"{name}_curve.json").read_text())
+        assert written == json.loads((tmp_path / f"{name}.json").read_text())
+    reproduce.export(str(tmp_path), str(tmp_path / "export"), ["claim"])
+    assert sorted(os.listdir(tmp_path / "export" / "claim")) == [
+        "ldm_curve.json", "pix_curve.json", "report.md", "results.json"]  # fmt: skip
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"train_step": 1}]}))
+    with pytest.raises(ValueError, match="is not a compute curve"):
+        reproduce_training.read_curve(str(tmp_path / "bad.json"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        reproduce_training.read_curve(str(tmp_path / "missing.json"))

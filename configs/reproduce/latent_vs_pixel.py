@@ -7,8 +7,14 @@ Diffusion Models", sec. 4.1, Fig. 6 and 7): quality against training compute on 
         --config.workdirs.pixel_mmdit=/tmp/shapes_mmdit --workdir /tmp/reproduce
 
 The workdirs are training runs of configs/shapes_ldm_unet.py and configs/shapes_ldm_mmdit.py
-(latent, on the shapes VAE) and configs/shapes_mmdit_flow.py (pixel); a run left empty is skipped,
-and with no latent or no pixel run the claim reports "not run".
+(latent, on the shapes VAE) and configs/shapes_mmdit_flow.py (pixel). Each run given a workdir is
+measured now (every kept checkpoint through the judge: minutes per checkpoint) and its curve
+written to the claim workdir as <run>_curve.json, with the date and the run's workdir. A run
+without one is read from `curves`: by default the curves of the runs in benchmarks/results/
+shapes_* that an earlier run of this claim measured and exported to
+benchmarks/results/reproduce/latent_vs_pixel/ (those runs take an hour or more each on 2 CPU
+cores, so quick.py reads them rather than retraining; the report names each curve's source). A
+run with neither is skipped, and with no latent or no pixel run the claim reports "not run".
 Paper: with the same training steps, latent models (downsampling f = 4-16) reach far better FID
 than pixel-space diffusion (f = 1): "a significant FID gap of 38 between pixel-based diffusion
 (LDM-1) and LDM-8 after 2M training steps" (sec. 4.1, Fig. 6), at a fraction of the compute
@@ -21,11 +27,13 @@ paid once for the latent cache and left out), and the FLOPs per generated image
 (eval_text2img.flops_per_sample: prompt encoding, NFE guided network calls, VAE decode).
 Held means: at the largest training compute both a latent and the pixel run reached, the best
 latent run's adherence (interpolated along its curve) is higher than the pixel run's.
-`:runlocal` (tests): no workdirs, so the claim reports "not run".
+`:runlocal` (tests): no workdirs and no curves, so the claim reports "not run".
 """
 
 from configs import common
 from configs.reproduce import base
+
+CURVES = "benchmarks/results/reproduce/latent_vs_pixel"  # the committed curves (see above)
 
 
 def get_config(arg=None):
@@ -39,6 +47,7 @@ def get_config(arg=None):
         "judge trained here rather than FID",
     )  # fmt: skip
     c.workdirs = {"ldm_unet": "", "ldm_mmdit": "", "pixel_mmdit": ""}
+    c.curves = {} if v.runlocal else {k: f"{CURVES}/{k}_curve.json" for k in c.workdirs}
     c.latent = ("ldm_unet", "ldm_mmdit")
     c.pixel = ("pixel_mmdit",)
     c.num_per_prompt = 4
