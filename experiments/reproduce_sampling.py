@@ -47,8 +47,10 @@ def ddim(cfg, ctx) -> dict:
     lines.append(("sigma-hat (DDPM, beta_t)", "ddpm:variance=fixed_large", "sigma_hat"))
     methods = ",".join(spec for _, spec, _ in lines)
     s = ctx.sweep("ddim", wd, methods=methods, nfes=tuple(cfg.steps), guidance_scales=(1.0,))
-    ddpm = ctx.sweep("ddpm", wd, methods="ddpm:variance=fixed_large", nfes=(cfg.ddpm_steps,),
-                     guidance_scales=(1.0,))["rows"][0]  # fmt: skip
+    ddpm = None  # the many-step DDPM row; ddpm_steps = 0 leaves it out (quick.py)
+    if cfg.ddpm_steps:
+        ddpm = ctx.sweep("ddpm", wd, methods="ddpm:variance=fixed_large",
+                         nfes=(cfg.ddpm_steps,), guidance_scales=(1.0,))["rows"][0]  # fmt: skip
     by, paper = _index(s["rows"], "method", "nfe"), cfg.paper_numbers
     rows = []
     for name, spec, key in lines:
@@ -60,11 +62,14 @@ def ddim(cfg, ctx) -> dict:
         rows.append(row)
     table = (f"FD in {FS} (mean ± bootstrap std; the paper's CIFAR-10 FID in brackets), "
              f"{s['num_samples']} samples, no guidance. Real test digits: FD "
-             f"{s['baseline']['fd']:.2f}. DDPM (sigma-hat) at {cfg.ddpm_steps} steps: FD "
-             f"{fd_cell(ddpm)} (paper {paper.ddpm_1000} at 1000).\n\n"
+             f"{s['baseline']['fd']:.2f}. "
+             + (f"DDPM (sigma-hat) at {cfg.ddpm_steps} steps: FD {fd_cell(ddpm)} (paper "
+                f"{paper.ddpm_1000} at 1000)" if ddpm else "No many-step DDPM row (ddpm_steps 0)")
+             + ".\n\n"
              + markdown_table(rows, ["sampler", *[f"S={n}" for n in cfg.steps]]))  # fmt: skip
-    plot_quality(s["rows"] + [ddpm], ctx.file("ddim.png"), FS, x="nfe", group=("method",),
-                 keys=["fd", "precision", "recall"], title="DDIM: eta x steps")  # fmt: skip
+    plot_quality(s["rows"] + ([ddpm] if ddpm else []), ctx.file("ddim.png"), FS, x="nfe",
+                 group=("method",), keys=["fd", "precision", "recall"],
+                 title="DDIM: eta x steps")  # fmt: skip
     first, last = cfg.steps[0], cfg.steps[-1]
     etas = [_label(spec) for _, spec, key in lines if key != "sigma_hat"]
     at_first = [by[m, first]["fd"] for m in etas]

@@ -15,6 +15,7 @@ import pytest
 
 from configs import sweep_samplers as sweep_config
 from configs.reproduce import base, quick
+from configs.reproduce import ddim as ddim_claim
 from diffusion import samplers, schedules
 from experiments import reproduce, reproduce_sampling, reproduce_training, sweep_samplers
 
@@ -256,3 +257,26 @@ def test_latent_vs_pixel_reads_and_rewrites_curve_files(tmp_path):
         reproduce_training.read_curve(str(tmp_path / "bad.json"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         reproduce_training.read_curve(str(tmp_path / "missing.json"))
+
+
+def test_ddim_without_the_ddpm_row(tmp_path):
+    """quick.py's ddpm_steps = 0: the DDIM table and verdict without the many-step DDPM sweep."""
+    cfg = quick.get_config("runlocal").claims.ddim
+    cfg.ddpm_steps = 0
+    trained, swept = [], []
+    sweep = fake_sweep(paper_world, trained)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(
+            reproduce.train, "train", lambda c, path: (os.makedirs(path), trained.append(path))
+        )
+        m.setattr(
+            reproduce.sweep_samplers, "sweep", lambda c, w: swept.append(c.methods) or sweep(c, w)
+        )
+        m.setattr(reproduce_sampling, "plot_quality", lambda *a, **k: None)
+        out = reproduce.run_claim(cfg, str(tmp_path))
+    assert len(swept) == 1 and out["held"] is True and out["data"]["ddpm"] is None
+    assert "No many-step DDPM row" in out["table"]
+    full = quick.get_config()
+    assert full.claims.ddim.ddpm_steps == 0 and ddim_claim.get_config().ddpm_steps == 1000
+    assert {c.model.total_steps for c in (full.claims.ddim, full.claims.dpm_solver)} == {1000}
+    assert full.claims.edm_grids.models.flow == full.claims.sd3_objectives.models.flow
