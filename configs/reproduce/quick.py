@@ -11,7 +11,7 @@ plot and its one-sentence verdict. `export` copies the reports, plots, JSON and 
 size): every digits model trained for 1000 steps instead of 2000 (so the rectified-flow model is
 shared with SD3's rf/lognorm(0, 1) variant: 7 models, about 3 minutes each), no 1000-step DDPM
 row in the DDIM table, SD3's variants sampled at 5 / 10 / 25 NFE instead of 5 / 10 / 50.
-Budget: at most 60 minutes on an idle 2-core CPU; the full sizes took 76 minutes there
+Budget: at most 60 minutes on an idle 2-core CPU; the full sizes took 69 minutes there
 (2026-12-02, benchmarks/results/reproduce/README.md); each claim's seconds are in the report.
 Latent vs pixel reads the shapes runs' committed compute curves (see its config; an hour or more
 of training each) unless given their workdirs
