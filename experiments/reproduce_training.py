@@ -250,10 +250,10 @@ def latent_vs_pixel(cfg, ctx) -> dict:
     if not rows:
         return {"table": "No runs given.", "plots": [], "held": None, "because": because,
                 "data": {}}  # fmt: skip
-    cols = ["model", "train_step", "train_flops", "adherence", "fd", "flops_per_image"]
     table = ("Shapes judge's full-prompt adherence and FD in judge features of every kept "
              "checkpoint; training compute = 3 x forward FLOPs x batch x steps. Curves: "
-             + "; ".join(sources) + ".\n\n" + markdown_table(rows, cols, ".3g"))  # fmt: skip
+             + "; ".join(sources) + ".\n\n"
+             + markdown_table(rows, ["model", *CURVE_KEYS], ".3g"))  # fmt: skip
     plot_quality(
         rows,
         ctx.file("latent_vs_pixel.png"),
