@@ -76,11 +76,7 @@ class LatentSpace:
         vae, source = _load_vae(path)
         shift = vae.config.shift_factor or 0.0
         if scaling_factor == "auto" and os.path.exists(os.path.join(path, "checkpoints")):
-            if dataset is None:
-                raise ValueError("scaling_factor='auto' needs the dataset to measure it on")
-            space = cls(vae, 1.0, 0.0, source)
-            z = space.encode_unscaled(_first_images(dataset, data_dir, SCALE_IMAGES))
-            return cls(vae, 1.0 / float(np.std(z)), 0.0, source)
+            return cls(vae, measure_scale(vae, dataset, data_dir), 0.0, source)
         scale = vae.config.scaling_factor if scaling_factor == "auto" else float(scaling_factor)
         return cls(vae, scale, shift, source)
 
@@ -123,6 +119,14 @@ class LatentSpace:
             image_size=image_size,
         )
         return name, cache_dir
+
+
+def measure_scale(vae, dataset: str | None, data_dir=None) -> float:
+    """1 / std of the VAE's unscaled latents of `dataset`'s first SCALE_IMAGES train images."""
+    if dataset is None:
+        raise ValueError("scaling_factor='auto' needs the dataset to measure it on")
+    z = LatentSpace(vae, 1.0).encode_unscaled(_first_images(dataset, data_dir, SCALE_IMAGES))
+    return 1.0 / float(np.std(z))
 
 
 def _first_images(dataset: str, data_dir, n: int) -> np.ndarray:

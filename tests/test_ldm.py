@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from _ldm_fixtures import short as _short
 
-from configs import shapes_ldm_mmdit, shapes_ldm_unet
-from diffusion import latent, tasks, train
+from configs import shapes_ldm_mmdit, shapes_ldm_unet, shapes_mmdit_flow
+from diffusion import latent, tasks, train, workdir
 from diffusion.train_state import restore_ema
 from diffusion.workdir import read_config
 
@@ -194,9 +194,44 @@ def test_bad_input(runs, tmp_path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(FileExistsError, match="not empty"):
         export_pipeline.export(str(ldm_dir), str(tmp_path / "full"))
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_pipeline.export(str(vae_dir), str(tmp_path / "full"))  # a VAE run checks it too
+    pixel = tmp_path / "pixel"  # a pixel-space text-to-image run's workdir (config only)
+    pixel.mkdir()
+    config = workdir.as_json(shapes_mmdit_flow.get_config("runlocal"))
+    (pixel / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="latent text-to-image"):
-        export_pipeline.export(str(vae_dir), str(tmp_path / "new"))
-    assert not (tmp_path / "new").exists()
+        export_pipeline.export(str(pixel), str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".export-*"))
+
+
+def test_vae_run_exports_as_an_fp16_autoencoder_folder(runs, tmp_path):
+    """A VAE workdir exports as a diffusers AutoencoderKL folder (fp16 weights, the measured
+    scaling factor) that a latent config reads as it reads the workdir, and diffusers loads."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.numpy import load_file
+
+    from tools import export_pipeline
+
+    vae_dir, ldm_dir, _, _ = runs
+    out = tmp_path / "vae16"
+    export_pipeline.export(str(vae_dir), str(out), dtype="float16")
+    stored = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {np.dtype("float16")}
+    from_workdir = tasks.from_config(read_config(str(ldm_dir))).latents  # "auto" on the workdir
+    from_folder = latent.LatentSpace.load(str(out))
+    assert from_folder.scaling_factor == pytest.approx(from_workdir.scaling_factor, rel=1e-6)
+    imgs = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    z16, z32 = from_folder.encode(imgs), from_workdir.encode(imgs)
+    np.testing.assert_allclose(z16, z32, atol=2e-2 * np.abs(z32).max())
+    assert np.abs(z16 - z32).max() > 0  # the fp16 rounding is really there
+    ref = AutoencoderKL.from_pretrained(str(out)).float().eval()
+    assert ref.config.scaling_factor == pytest.approx(from_folder.scaling_factor)
+    with torch.no_grad():
+        mode = ref.encode(torch.from_numpy(imgs).permute(0, 3, 1, 2)).latent_dist.mode()
+    np.testing.assert_allclose(mode.permute(0, 2, 3, 1).numpy(), from_folder.encode_unscaled(imgs),
+                               atol=1e-4)  # fmt: skip
 
 
 def test_clip_bpe_tokenizer_matches_transformers_and_encodes_any_word(tmp_path):

@@ -1,6 +1,7 @@
 """Export a latent text-to-image training run as a diffusers pipeline folder.
 
-    python -m tools.export_pipeline --workdir /tmp/shapes_ldm_unet --out /tmp/shapes_sd [--step N]
+    python -m tools.export_pipeline --workdir /tmp/shapes_ldm_unet --out /tmp/shapes_sd \
+        [--step N] [--dtype float16]
 
 Writes model_index.json, unet/ (StableDiffusionPipeline, for a UNet2DConditionModel run) or
 transformer/ (StableDiffusion3Pipeline, for an SD3Transformer2DModel run with SD3's two-CLIP
@@ -10,7 +11,11 @@ token length), scheduler/ (the scheduler of the run's sampler and grid). diffuse
 `<Pipeline>.from_pretrained(out)` offline (SD3: `text_encoder_3=None, tokenizer_3=None` as for
 any SD3 folder without T5; sample with `max_sequence_length=0`, the run's zero T5 tokens). EMA
 weights of the latest checkpoint (or --step). The folder is written beside `out` and renamed into
-place, so nothing is left half-written; `out` must not exist or be empty.
+place, so nothing is left half-written; `out` must not exist or be empty. `--dtype float16`
+stores the weights as fp16 (half the size; loaders cast them back to their parameter type).
+
+A VAE run (configs/shapes_vae.py) exports as a diffusers AutoencoderKL folder with its measured
+latent scaling_factor; latent configs take it as `--config.latents.vae=FOLDER`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import shutil
 import tempfile
 
-from diffusion import models, tasks
+from diffusion import latent, models, tasks
 from diffusion.data import tokenizer as tokenizers
 from diffusion.train_state import restore_ema
 from diffusion.workdir import read_config
@@ -60,8 +65,7 @@ def _check(task, out: str):
         raise ValueError("the run must be text-conditioned with a CLIP BPE tokenizer to export")
     if task.model.class_name not in PIPELINES:
         raise ValueError(f"cannot export a {task.model.class_name}; exportable: {list(PIPELINES)}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"export target {out} exists and is not empty; choose a new folder")
+    _check_out(out)
 
 
 def _save_tokenizer(text, path: str):
@@ -85,25 +89,67 @@ def _set_sample_size(path: str, size: int):
         json.dump(cfg, f, indent=2, sort_keys=True)
 
 
-def export(workdir: str, out: str, step: int | None = None) -> str:
-    """Write the run's pipeline folder to `out` (see module docstring); returns out."""
-    cfg = read_config(workdir)
-    task = tasks.from_config(cfg)
-    _check(task, out)
-    model, step = restore_ema(cfg, task, workdir, step)
-    text, space = task.conditioning, task.latents
+def _check_out(out: str):
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"export target {out} exists and is not empty; choose a new folder")
+
+
+def _write_atomically(out: str, write) -> str:
+    """write(tmp) fills a new folder beside `out`, which is then renamed into place."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
+        write(tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked before)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_vae(workdir: str, out: str, step: int | None = None, dtype=None) -> str:
+    """A VAE training run (task "autoencoder") as a diffusers AutoencoderKL folder whose
+    scaling_factor is measured as latent diffusion configs' "auto" does (1 / std of the latents
+    of the run's first train images), so `--config.latents.vae=out` trains as on the workdir."""
+    cfg = read_config(workdir)
+    _check_out(out)
+    vae, step = restore_ema(cfg, tasks.from_config(cfg), workdir, step)
+    scale = latent.measure_scale(vae, cfg.data.name, cfg.data.get("data_dir") or None)
+    vae.config = dataclasses.replace(vae.config, scaling_factor=scale, shift_factor=None)
+
+    def write(tmp):
+        models.save_diffusers(vae, tmp, dtype=dtype)
+        record = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step),
+                  "scaling_factor_measured_on": cfg.data.name, "dtype": dtype}  # fmt: skip
+        with open(os.path.join(tmp, "export.json"), "w") as f:
+            json.dump(record, f, indent=2)
+
+    return _write_atomically(out, write)
+
+
+def export(workdir: str, out: str, step: int | None = None, dtype=None) -> str:
+    """Write the run's pipeline folder to `out` (see module docstring; a VAE run: export_vae);
+    `dtype` (e.g. "float16") stores every weight in that type. Returns out."""
+    cfg = read_config(workdir)
+    if cfg.task == "autoencoder":
+        return export_vae(workdir, out, step, dtype)
+    task = tasks.from_config(cfg)
+    _check(task, out)
+    model, step = restore_ema(cfg, task, workdir, step)
+    text, space = task.conditioning, task.latents
+
+    def write(tmp):
         net = "unet" if task.model.class_name == "UNet2DConditionModel" else "transformer"
-        models.save_diffusers(model.denoiser, os.path.join(tmp, net))
+        models.save_diffusers(model.denoiser, os.path.join(tmp, net), dtype=dtype)
         _set_sample_size(os.path.join(tmp, net), cfg.model.config.sample_size)
         vae = space.vae
         vae.config = dataclasses.replace(
             vae.config, scaling_factor=space.scaling_factor, shift_factor=space.shift_factor
         )
-        models.save_diffusers(vae, os.path.join(tmp, "vae"))
+        models.save_diffusers(vae, os.path.join(tmp, "vae"), dtype=dtype)
         index = {"_class_name": PIPELINES[task.model.class_name], "_diffusers_version": "0.35.0",
                  net: ["diffusers", task.model.class_name],
                  "vae": ["diffusers", "AutoencoderKL"],
@@ -112,7 +158,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
         if text.encoder_2 is not None:
             encoders.append(("_2", model.text_encoder_2, text.encoder_2))
         for suffix, module, spec in encoders:
-            models.save_diffusers(module, os.path.join(tmp, f"text_encoder{suffix}"))
+            models.save_diffusers(module, os.path.join(tmp, f"text_encoder{suffix}"), dtype=dtype)
             _save_tokenizer(text, os.path.join(tmp, f"tokenizer{suffix}"))
             index[f"text_encoder{suffix}"] = ["transformers", spec.class_name]
             index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
@@ -124,19 +170,15 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
                       "image_encoder": [None, None], "feature_extractor": [None, None]}  # fmt: skip
         os.makedirs(os.path.join(tmp, "scheduler"))
         record = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step),
-                  "vae": space.source, "null_tokens": text.null_tokens}  # fmt: skip
+                  "vae": space.source, "null_tokens": text.null_tokens,
+                  "dtype": dtype}  # fmt: skip
         files = {"model_index.json": index, "export.json": record,
                  "scheduler/scheduler_config.json": scheduler_config(task)}  # fmt: skip
         for name, content in files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return _write_atomically(out, write)
 
 
 def main():
@@ -146,8 +188,10 @@ def main():
     p.add_argument("--workdir", required=True, help="a latent text-to-image training run")
     p.add_argument("--out", required=True, help="new (or empty) pipeline folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="store the weights in this type (default: as trained)")  # fmt: skip
     a = p.parse_args()
-    print(f"wrote {export(a.workdir, a.out, a.step)}")
+    print(f"wrote {export(a.workdir, a.out, a.step, a.dtype)}")
 
 
 if __name__ == "__main__":

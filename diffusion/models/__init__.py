@@ -233,10 +233,18 @@ def _parse_size(size: int | str) -> int:
     return int(size)
 
 
-def save_diffusers(model: nnx.Module, path: str, *, max_shard_size: int | str = "5GB") -> None:
+def save_diffusers(
+    model: nnx.Module, path: str, *, max_shard_size: int | str = "5GB", dtype=None
+) -> None:
     """Write ``config.json`` (``model.config.to_diffusers()``) and PyTorch-layout safetensors
-    (sharded with an index above ``max_shard_size``), loadable by ``<Class>.from_pretrained``."""
+    (sharded with an index above ``max_shard_size``), loadable by ``<Class>.from_pretrained``.
+    ``dtype`` (e.g. ``"float16"``) stores every floating tensor in that type (as
+    ``pipe.to(torch.float16).save_pretrained`` does); None keeps the parameters' own."""
     from safetensors.numpy import save_file
+
+    def cast(a):
+        a = np.asarray(a)
+        return a.astype(dtype) if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
 
     config = model.config.to_diffusers()
     os.makedirs(path, exist_ok=True)
@@ -245,7 +253,9 @@ def save_diffusers(model: nnx.Module, path: str, *, max_shard_size: int | str = 
     is_transformers = class_name(config) in _TRANSFORMERS_CLASSES
     stem = _WEIGHT_STEMS[1] if is_transformers else _WEIGHT_STEMS[0]
     abstract = convert.abstract_torch_state_dict(model)
-    sizes = {k: int(np.prod(s)) * jnp.dtype(d).itemsize for k, (s, d) in abstract.items()}
+    store = {k: jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(d, jnp.floating) else d
+             for k, (_, d) in abstract.items()}  # fmt: skip
+    sizes = {k: int(np.prod(s)) * jnp.dtype(store[k]).itemsize for k, (s, _) in abstract.items()}
     buffers = convert.persistent_buffers(model)
     sizes.update({k: v.nbytes for k, v in buffers.items()})
     shards = _shards(sizes, _parse_size(max_shard_size))
@@ -257,6 +267,7 @@ def save_diffusers(model: nnx.Module, path: str, *, max_shard_size: int | str = 
     for keys, name in zip(shards, names):  # one shard in host memory at a time
         tensors = convert.to_torch_state_dict(model, keys=keys)
         tensors.update({k: buffers[k] for k in keys if k in buffers})
+        tensors = {k: cast(v) for k, v in tensors.items()}
         save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
     if len(shards) > 1:
         index = {
