@@ -11,7 +11,14 @@ the finished config stay on the command line: `--config.optim.lr=1e-4`.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shapes VAE trained here, committed as an fp16 diffusers AutoencoderKL folder with its latent
+# scaling_factor (benchmarks/results/shapes_vae/README.md): the latent configs' default VAE.
+SHAPES_VAE = os.path.join(REPO, "benchmarks", "results", "shapes_vae", "vae")
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 

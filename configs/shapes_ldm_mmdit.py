@@ -68,7 +68,7 @@ def get_config(arg=None):
         "data_dir": placeholder(str),
         "key": "latent",
     }
-    c.latents = {"vae": placeholder(str), "scaling_factor": "auto"}
+    c.latents = {"vae": common.SHAPES_VAE, "scaling_factor": "auto"}
     c.conditioning = text()
     c.model = {"class_name": "SD3Transformer2DModel", "config": mmdit(), "remat": False}
     c.compute_dtype = "float32"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _ldm_fixtures import short as _short
 
-from configs import shapes_ldm_mmdit, shapes_ldm_unet, shapes_mmdit_flow
+from configs import common, shapes_ldm_mmdit, shapes_ldm_unet, shapes_mmdit_flow
 from diffusion import latent, tasks, train, workdir
 from diffusion.train_state import restore_ema
 from diffusion.workdir import read_config
@@ -188,6 +188,8 @@ def test_bad_input(runs, tmp_path):
     with pytest.raises(ValueError, match="not a VAE"):
         latent.LatentSpace.load(str(ldm_dir))  # a diffusion run's workdir
     cfg = shapes_ldm_unet.get_config("runlocal")
+    assert cfg.latents.vae == common.SHAPES_VAE  # the committed VAE by default
+    cfg.latents.vae = None
     with pytest.raises(ValueError, match="latents.vae"):
         tasks.from_config(cfg)
     (tmp_path / "full").mkdir()
