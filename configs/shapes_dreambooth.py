@@ -9,7 +9,8 @@ the base model generates; LoRA (default) or full U-Net fine-tuning.
         --config.finetune.base=/work/runs/shapes_ldm_unet --workdir /work/runs/shapes_db_noprior
     python -m experiments.eval_finetune --workdir /work/runs/shapes_db_prior
     python -m experiments.eval_finetune --workdir /work/runs/shapes_db_noprior
-    (add ,method=full to both for full fine-tuning)
+    (add ,method=full to both for full fine-tuning; ,mmdit for an SD3-style base such as
+    configs/shapes_ldm_mmdit.py: adapters on its joint attention, Euler class images)
 
 eval_finetune measures the share of samples of 16 "a sks square ..." prompts that show the
 subject (concepts.is_subject), the judge's adherence on 16 ordinary "a <colour> square ..."
@@ -22,7 +23,7 @@ the difference between the two runs is its measured benefit), and how often plai
 import ml_collections
 
 from configs import common
-from configs.shapes_lora import common_settings, finetune
+from configs.shapes_lora import common_settings, finetune, on_mmdit
 
 PROMPTS = [
     "a sks square at the center on a black background",
@@ -33,7 +34,7 @@ PROMPTS = [
 
 
 def get_config(arg=None):
-    v = common.parse(arg, flags=("runlocal",), prior=True, method="lora")
+    v = common.parse(arg, flags=("runlocal", "mmdit"), prior=True, method="lora")
     if v.method not in ("lora", "full"):
         raise ValueError(f"method={v.method!r}: use lora or full")
     c = ml_collections.ConfigDict()
@@ -54,4 +55,4 @@ def get_config(arg=None):
         c.finetune.lora.rank = 2
         c.finetune.prior.num_images = 4 if v.prior else 0
         c.finetune.prior.num_steps = 2
-    return c
+    return on_mmdit(c) if v.mmdit else c

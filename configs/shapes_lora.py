@@ -15,6 +15,7 @@ the 32 standard evaluation prompts (experiments/eval_text2img.py), which should 
 of the base's. It also writes the adapters as a diffusers LoRA file (lora/), which
 `StableDiffusionPipeline.load_lora_weights` reads on the exported base folder. Results: see
 benchmarks/results/shapes_lora/ once run. `:runlocal` trains 6 steps on 8 images (tests).
+`:mmdit` is for an SD3-style base (configs/shapes_ldm_mmdit.py; see on_mmdit).
 """
 
 import ml_collections
@@ -25,6 +26,10 @@ from configs import common
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                 "ff.net.2"]  # fmt: skip
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# An MMDiT base (configs/shapes_ldm_mmdit.py): the joint attention's image and text projections,
+# as diffusers' train_dreambooth_lora_sd3.py adapts by default.
+MMDIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                 "to_add_out"]  # fmt: skip
 PROMPTS = [
     "a purple circle at the center on a black background",
     "a purple square at the top left on a gray background",
@@ -43,7 +48,7 @@ def finetune(kind, num_images, method="lora"):
                  "targets": {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}},
         "train_text_encoder": False,
         "concept": {"kind": kind, "num_images": num_images, "seed": 0, "image_size": None},
-        "prior": {"num_images": 0, "weight": 1.0},
+        "prior": {"num_images": 0, "weight": 1.0, "method": "dpmpp_2m", "num_steps": 25},
     }  # fmt: skip
 
 
@@ -72,8 +77,19 @@ def common_settings(c, prompts, steps, runlocal):
     return c
 
 
+def on_mmdit(c):
+    """Settings for an SD3-style base (configs/shapes_ldm_mmdit.py, variant `:mmdit`): adapters
+    on the MMDiT's joint attention (LoRA file component "transformer", as diffusers' SD3 files)
+    and the text encoder; the base's flow sampler (Euler, 28 steps) for grids and class images."""
+    c.finetune.lora.targets = {"transformer": MMDIT_TARGETS, "text_encoder": TEXT_TARGETS}
+    c.sample.method, c.sample.grid = "euler", None
+    c.sample.num_steps = min(c.sample.num_steps, 28)
+    c.finetune.prior.method, c.finetune.prior.num_steps = "euler", c.sample.num_steps
+    return c
+
+
 def get_config(arg=None):
-    v = common.parse(arg, flags=("runlocal",))
+    v = common.parse(arg, flags=("runlocal", "mmdit"))
     c = ml_collections.ConfigDict()
     c.name = "shapes_lora"
     c.task = "finetune"
@@ -82,4 +98,5 @@ def get_config(arg=None):
     if v.runlocal:
         c.finetune.concept.num_images = 8
         c.finetune.lora.rank = 2
-    return common_settings(c, PROMPTS, 1000, v.runlocal)
+    c = common_settings(c, PROMPTS, 1000, v.runlocal)
+    return on_mmdit(c) if v.mmdit else c

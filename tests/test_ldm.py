@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _ldm_fixtures import short as _short
+from flax import nnx
 
 from configs import common, shapes_ldm_mmdit, shapes_ldm_unet, shapes_mmdit_flow
 from diffusion import latent, tasks, train, workdir
@@ -259,3 +260,41 @@ def test_clip_bpe_tokenizer_matches_transformers_and_encodes_any_word(tmp_path):
     assert ref.unk_token_id not in ref("purple hexagon").input_ids[1:-1]
     with pytest.raises(FileNotFoundError, match="built-in"):
         tokenizer.from_config({"kind": "clip", "path": str(tmp_path / "none"), "max_length": 8})
+
+
+def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, tmp_path):
+    """DreamBooth-LoRA with prior preservation from an SD3-style (MMDiT, rectified flow) run: the
+    class images come from the base's flow sampler, the adapters go into the MMDiT's joint
+    attention, and only they train (the base weights come back unchanged)."""
+    from _ldm_fixtures import finetune_run, flat_params
+
+    from configs import shapes_dreambooth, shapes_lora
+    from diffusion.adapters import lora
+
+    _, _, data_dir, _ = runs
+    cfg = shapes_dreambooth.get_config("runlocal,prior=true,mmdit")
+    assert cfg.finetune.prior.method == cfg.sample.method == "euler"  # the base's flow sampler
+    summary = finetune_run(cfg, "finetune", (None, mmdit_run, data_dir, None), tmp_path / "db")
+    assert np.isfinite(summary["final_loss"])
+    both = read_config(str(tmp_path / "db"))
+    both.finetune.lora.targets.unet = ["to_q"]
+    with pytest.raises(ValueError, match="both 'unet' and 'transformer'"):
+        tasks.from_config(both)
+    cfg = read_config(str(tmp_path / "db"))
+    task = tasks.from_config(cfg)
+    assert task.model.class_name == "SD3Transformer2DModel" and task.schedule.family == "flow"
+    tuned, _ = restore_ema(cfg, task, str(tmp_path / "db"))
+    ups = {p: v for p, v in flat_params(tuned.denoiser, lora.LoRAParam).items() if p[-1] == "up"}
+    names = {t.split(".")[0] for t in shapes_lora.MMDIT_TARGETS}  # to_out.0 -> ("to_out", 0)
+    hit = [names & set(map(str, p)) for p in ups]
+    assert all(len(h) == 1 for h in hit) and set().union(*hit) == names, list(ups)
+    # up starts at 0; every adapter trained but the last block's text queries, whose outputs
+    # SD3's last block discards (context_pre_only), so they get no gradient (as in diffusers)
+    last = max(p[1] for p in ups)
+    zero = [p for p, u in ups.items() if not np.abs(u).max() > 0]
+    assert zero == [p for p in ups if p[1] == last and "add_q_proj" in p], zero
+    want = flat_params(task.base()[1])
+    got = flat_params(tuned, nnx.All(nnx.Param, nnx.Not(lora.LoRAParam)))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))

@@ -99,6 +99,9 @@ def _write_atomically(out: str, write) -> str:
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 -> a plain folder's permissions
     try:
         write(tmp)
         if os.path.isdir(out):

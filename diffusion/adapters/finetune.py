@@ -36,7 +36,9 @@ from flax import nnx
 from diffusion import data, losses, tasks
 from diffusion.adapters import base, concepts, lora
 
-COMPONENTS = {"unet": "denoiser", "text_encoder": "text_encoder"}  # file name -> attribute
+# LoRA file component (diffusers' name: "unet" for a U-Net, "transformer" for an MMDiT) ->
+# model attribute
+COMPONENTS = {"unet": "denoiser", "transformer": "denoiser", "text_encoder": "text_encoder"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,11 @@ class FineTuneTask(tasks.DiffusionTask):
         unknown = [c for c, _ in self.lora.targets if c not in COMPONENTS]
         if unknown:
             raise ValueError(f"LoRA targets for {unknown}; components: {sorted(COMPONENTS)}")
+        if {"unet", "transformer"} <= {c for c, _ in self.lora.targets}:
+            raise ValueError(
+                "LoRA targets name both 'unet' and 'transformer' (one denoiser): "
+                "use 'unet' for a U-Net base, 'transformer' for an MMDiT base"
+            )
 
     # ---- model
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -251,7 +258,5 @@ def export_lora(workdir: str, out: str, step: int | None = None) -> str:
     if not isinstance(task, FineTuneTask) or task.method != "lora":
         raise ValueError(f"{workdir} is not a LoRA fine-tuning run")
     model, _ = restore_ema(cfg, task, workdir, step)
-    comps = {
-        c: getattr(model, a) for c, a in COMPONENTS.items() if lora.adapters(getattr(model, a))
-    }
+    comps = {c: getattr(model, COMPONENTS[c]) for c, _ in task.lora.targets}
     return files.save_lora(out, comps, lora.DEFAULT_ADAPTER)
