@@ -298,3 +298,28 @@ def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
+
+
+def test_sd3_export_is_a_finetuning_base(mmdit_run, tmp_path):
+    """The MMDiT run's SD3 export, as a fine-tuning base, is the run itself: same model and
+    prompt layout, same weights, same token ids, same latent scale."""
+    from diffusion.adapters import base
+    from tools import export_pipeline
+
+    folder = export_pipeline.export(str(mmdit_run), str(tmp_path / "sd3"))
+    (t1, m1), (t2, m2) = base.load_base(folder), base.load_base(str(mmdit_run))
+    assert t1.model == t2.model and t1.schedule == t2.schedule
+    for f in ("encoder", "encoder_2", "hidden_state", "pooled_as", "context_dim", "null_tokens"):
+        assert getattr(t1.conditioning, f) == getattr(t2.conditioning, f), f
+    assert (
+        t1.objective.prediction_type == "velocity" and t1.objective.time_density == "logit_normal"
+    )
+    p1, p2 = base.flat_params(m1), base.flat_params(m2)
+    assert p1.keys() == p2.keys()
+    for k in p1:
+        np.testing.assert_array_equal(np.asarray(p1[k]), np.asarray(p2[k]), err_msg=str(k))
+    prompt = ["a red circle at the top on a gray background"]
+    np.testing.assert_array_equal(
+        t1.conditioning.tokenizer(prompt), t2.conditioning.tokenizer(prompt)
+    )
+    assert t1.latents.scaling_factor == pytest.approx(t2.latents.scaling_factor)
