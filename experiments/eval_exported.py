@@ -30,7 +30,9 @@ def _diffusers_images(folder, prompts, n, num_steps, guidance, seed, batch=128):
         index = json.load(f)
     cls = getattr(diffusers, index["_class_name"])
     kw = {"text_encoder_3": None, "tokenizer_3": None} if "transformer" in index else {}
-    pipe = cls.from_pretrained(folder, local_files_only=True, **kw)
+    # float32 on CPU whatever the stored type: without it an fp16 export (--dtype float16) loads
+    # its text encoders in fp16 (transformers keeps the stored type) and its MMDiT in fp32
+    pipe = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32, **kw)
     call = {"max_sequence_length": 0} if "transformer" in index else {}
     out = []
     gen = torch.Generator().manual_seed(seed)

@@ -323,3 +323,19 @@ def test_sd3_export_is_a_finetuning_base(mmdit_run, tmp_path):
         t1.conditioning.tokenizer(prompt), t2.conditioning.tokenizer(prompt)
     )
     assert t1.latents.scaling_factor == pytest.approx(t2.latents.scaling_factor)
+
+
+def test_fp16_sd3_export_samples_in_diffusers_as_the_fp32_one(mmdit_run, tmp_path):
+    """experiments.eval_exported's diffusers sampling on an fp16 export (the committed pipeline's
+    format) runs in float32 and draws the fp32 export's images to within the weights' rounding."""
+    from experiments import eval_exported
+    from tools import export_pipeline
+
+    prompts = ["a red circle at the top on a gray background"]
+    images = {}
+    for dtype in ("float16", None):
+        folder = export_pipeline.export(str(mmdit_run), str(tmp_path / str(dtype)), dtype=dtype)
+        images[dtype] = eval_exported._diffusers_images(folder, prompts, 2, 3, 3.0, seed=0)
+    assert images[None].shape == (1, 2, 32, 32, 3)
+    diff = np.abs(images["float16"] - images[None]).max()
+    assert 0 < diff < 2e-2, diff
