@@ -80,10 +80,10 @@ def common_settings(c, prompts, steps, runlocal):
 def on_mmdit(c):
     """Settings for an SD3-style base (configs/shapes_ldm_mmdit.py, variant `:mmdit`): adapters
     on the MMDiT's joint attention (LoRA file component "transformer", as diffusers' SD3 files)
-    and the text encoder; the base's flow sampler (Euler, 28 steps) for grids and class images."""
+    and the text encoder; the base's flow sampler (Euler, the grids' step count) for grids and
+    class images."""
     c.finetune.lora.targets = {"transformer": MMDIT_TARGETS, "text_encoder": TEXT_TARGETS}
     c.sample.method, c.sample.grid = "euler", None
-    c.sample.num_steps = min(c.sample.num_steps, 28)
     c.finetune.prior.method, c.finetune.prior.num_steps = "euler", c.sample.num_steps
     return c
 

@@ -1,6 +1,6 @@
 """Export a latent text-to-image training run as a diffusers pipeline folder.
 
-    python -m tools.export_pipeline --workdir /tmp/shapes_ldm_unet --out /tmp/shapes_sd \
+    python -m tools.export_pipeline --workdir /tmp/shapes_ldm_unet --out /tmp/shapes_sd \\
         [--step N] [--dtype float16]
 
 Writes model_index.json, unet/ (StableDiffusionPipeline, for a UNet2DConditionModel run) or
