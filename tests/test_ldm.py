@@ -276,10 +276,6 @@ def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, tmp_path):
     assert cfg.finetune.prior.method == cfg.sample.method == "euler"  # the base's flow sampler
     summary = finetune_run(cfg, "finetune", (None, mmdit_run, data_dir, None), tmp_path / "db")
     assert np.isfinite(summary["final_loss"])
-    both = read_config(str(tmp_path / "db"))
-    both.finetune.lora.targets.unet = ["to_q"]
-    with pytest.raises(ValueError, match="both 'unet' and 'transformer'"):
-        tasks.from_config(both)
     cfg = read_config(str(tmp_path / "db"))
     task = tasks.from_config(cfg)
     assert task.model.class_name == "SD3Transformer2DModel" and task.schedule.family == "flow"
@@ -298,6 +294,47 @@ def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
+
+    # The adapters as a diffusers LoRA file ("transformer." / "text_encoder." keys):
+    # StableDiffusion3Pipeline.load_lora_weights on the base's export gives our MMDiT's outputs.
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusion.adapters import finetune
+    from tools import export_pipeline
+
+    path = finetune.export_lora(str(tmp_path / "db"), str(tmp_path / "lora"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        export_pipeline.export(str(mmdit_run), str(tmp_path / "sd3")), text_encoder_3=None,
+        tokenizer_3=None, torch_dtype=torch.float32, local_files_only=True,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 9, 64)).astype(np.float32)
+    pooled, t = (
+        rng.standard_normal((2, 64)).astype(np.float32),
+        np.array([300.0, 800.0], np.float32),
+    )
+
+    def ref():
+        with torch.no_grad():
+            out = pipe.transformer(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                                   encoder_hidden_states=torch.from_numpy(ctx),
+                                   pooled_projections=torch.from_numpy(pooled),
+                                   timestep=torch.from_numpy(t)).sample  # fmt: skip
+        return out.numpy().transpose(0, 2, 3, 1)
+
+    before = ref()
+    pipe.load_lora_weights(path)
+    want = ref()
+    ours = np.asarray(tuned.denoiser(*map(jnp.asarray, (x, ctx, pooled, t))))
+    assert np.abs(want - before).max() > 1e-3  # the file changed diffusers' model
+    np.testing.assert_allclose(ours, want, atol=1e-4 * np.abs(want).max())
+
+    both = read_config(str(tmp_path / "db"))
+    both.finetune.lora.targets.unet = ["to_q"]
+    with pytest.raises(ValueError, match="both 'unet' and 'transformer'"):
+        tasks.from_config(both)
 
 
 def test_sd3_export_is_a_finetuning_base(mmdit_run, tmp_path):
