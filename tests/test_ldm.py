@@ -376,3 +376,18 @@ def test_fp16_sd3_export_samples_in_diffusers_as_the_fp32_one(mmdit_run, tmp_pat
     assert images[None].shape == (1, 2, 32, 32, 3)
     diff = np.abs(images["float16"] - images[None]).max()
     assert 0 < diff < 2e-2, diff
+
+
+def test_committed_shapes_vae_reconstructs_shapes():
+    """The VAE the latent configs use by default (benchmarks/results/shapes_vae/vae) loads with
+    its scaling factor and reconstructs freshly generated shapes images (held-out: 24.1 dB)."""
+    from diffusion.data import shapes
+
+    space = latent.LatentSpace.load(common.SHAPES_VAE)
+    assert space.scaling_factor == pytest.approx(1.177, abs=1e-3) and space.factor == 2
+    rng = np.random.default_rng(123)
+    x = np.stack([shapes.make_example(rng, 32)["image"] for _ in range(16)])
+    x = x.astype(np.float32) / 127.5 - 1.0
+    recon = np.asarray(space.decode(space.encode(x)))
+    psnr = 10 * np.log10(4.0 / np.mean((recon - x) ** 2))  # images in [-1, 1]
+    assert psnr > 20, psnr
