@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import ml_collections
@@ -63,3 +65,24 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{workdir} holds no config.json: not a workdir of a training run")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def write_new_folder(path: str, write) -> str:
+    """`write(tmp)` fills a new folder beside `path` (with a plain folder's permissions), which
+    is then renamed to `path` (absent or empty: the caller checks), so nothing is left
+    half-written; on any error the partial folder is removed. Returns path."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".writing-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 -> what os.makedirs would give
+    try:
+        write(tmp)
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 
 import jax
@@ -32,6 +30,7 @@ from tqdm import tqdm
 
 from diffusion import pipelines, samplers
 from diffusion.pipelines import images
+from diffusion.workdir import write_new_folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pipeline", None, "diffusers pipeline folder (model_index.json)")
@@ -142,19 +141,14 @@ def generate(**settings) -> dict:
     """Run one generation job (keyword arguments as the flags); returns the settings.json dict."""
     s = {**DEFAULTS, **settings}
     pipe, mode, image, mask = check(s)
-    out = os.path.abspath(s["out"])
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".generate-", dir=os.path.dirname(out))
-    try:
-        record = _run(pipe, mode, s, image, mask, tmp)
+    record = {}
+
+    def write(tmp):  # `out` is absent or empty (checked)
+        record.update(_run(pipe, mode, s, image, mask, tmp))
         with open(os.path.join(tmp, "settings.json"), "w") as f:
             json.dump(record, f, indent=2)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_new_folder(os.path.abspath(s["out"]), write)
     return record
 
 

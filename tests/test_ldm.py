@@ -205,7 +205,7 @@ def test_bad_input(runs, tmp_path):
     (pixel / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="latent text-to-image"):
         export_pipeline.export(str(pixel), str(tmp_path / "new"))
-    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".export-*"))
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".writing-*"))
 
 
 def test_vae_run_exports_as_an_fp16_autoencoder_folder(runs, tmp_path):

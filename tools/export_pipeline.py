@@ -24,12 +24,11 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 
 from diffusion import latent, models, tasks
 from diffusion.data import tokenizer as tokenizers
 from diffusion.train_state import restore_ema
-from diffusion.workdir import read_config
+from diffusion.workdir import read_config, write_new_folder
 
 PIPELINES = {"UNet2DConditionModel": "StableDiffusionPipeline",
              "SD3Transformer2DModel": "StableDiffusion3Pipeline"}  # fmt: skip
@@ -94,25 +93,6 @@ def _check_out(out: str):
         raise FileExistsError(f"export target {out} exists and is not empty; choose a new folder")
 
 
-def _write_atomically(out: str, write) -> str:
-    """write(tmp) fills a new folder beside `out`, which is then renamed into place."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 -> a plain folder's permissions
-    try:
-        write(tmp)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked before)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def export_vae(workdir: str, out: str, step: int | None = None, dtype=None) -> str:
     """A VAE training run (task "autoencoder") as a diffusers AutoencoderKL folder whose
     scaling_factor is measured as latent diffusion configs' "auto" does (1 / std of the latents
@@ -130,7 +110,7 @@ def export_vae(workdir: str, out: str, step: int | None = None, dtype=None) -> s
         with open(os.path.join(tmp, "export.json"), "w") as f:
             json.dump(record, f, indent=2)
 
-    return _write_atomically(out, write)
+    return write_new_folder(out, write)
 
 
 def export(workdir: str, out: str, step: int | None = None, dtype=None) -> str:
@@ -181,7 +161,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype=None) -> str:
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2)
 
-    return _write_atomically(out, write)
+    return write_new_folder(out, write)
 
 
 def main():

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -29,6 +27,7 @@ from diffusion.models import ldm_keys
 from diffusion.models.presets import class_name
 from diffusion.pipelines import loading
 from diffusion.pipelines import single_file_layout as layout
+from diffusion.workdir import write_new_folder
 
 # safetensors dtype names <-> numpy (bfloat16 through ml_dtypes, as safetensors' numpy backend).
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -158,9 +157,8 @@ def save_pipeline_folder(pipe, path: str) -> str:
     `path` must not exist or be empty."""
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path} exists and is not empty; choose a new folder")
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=parent)
-    try:
+
+    def write(tmp):
         classes = {}
         for name in loading.NETWORKS + loading.TOKENIZERS:
             part = getattr(pipe, name, None)
@@ -184,10 +182,5 @@ def save_pipeline_folder(pipe, path: str) -> str:
         index = layout.model_index(pipeline, classes, spec.class_name)
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_new_folder(path, write)
