@@ -94,6 +94,8 @@ def get_config(arg=None):
         "key": "latent",
     }
     c.latents = {"vae": common.SHAPES_VAE, "scaling_factor": "auto"}
+    # warm start: a run or pipeline folder of this model to continue training (train_state.py)
+    c.init_from = placeholder(str)
     c.conditioning = text()
     c.model = {"class_name": "UNet2DConditionModel", "config": unet(), "remat": False}
     c.compute_dtype = "float32"

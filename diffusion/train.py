@@ -27,6 +27,7 @@ from diffusion.train_state import (
     ema_update,
     from_pretrained,
     frozen_weights,
+    init_weights,
     make_optimizer,
     state_fns,
 )
@@ -36,7 +37,7 @@ CONFIG_KEYS = {
     "name", "task", "seed", "data", "conditioning", "model", "compute_dtype", "schedule",
     "objective", "optim", "ema_decay", "ema_warmup", "total_steps", "log_every", "ckpt_every",
     "keep_checkpoints", "sample", "mesh", "fsdp_min_size", "sharding_rules", "kl_weight",
-    "latents", "finetune", "controlnet",
+    "latents", "finetune", "controlnet", "init_from",
 }  # fmt: skip
 
 
@@ -104,6 +105,9 @@ def train(cfg, workdir: str) -> dict:
         else:
             state, start = sharding.shard_init(init_fn, mesh, shardings), 0
             state = from_pretrained(task, state)
+            if cfg.get("init_from"):  # warm start: continued training of a trained model
+                state = from_pretrained(task, state, init_weights(task, cfg.init_from))
+                print(f"initialised from {cfg.init_from}")
 
         # ---- sampling: the task's grid from the EMA weights, one compiled program
         example = task.prepare_batch(next(iter(_pipeline(source, task.sampling.num_images, 0))))

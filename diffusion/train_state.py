@@ -91,10 +91,11 @@ def frozen_weights(task, seed: int, mesh, min_size: int = sharding.DEFAULT_MIN_S
     return jax.device_put(nnx.from_flat_state(values), shardings)
 
 
-def from_pretrained(task, state: dict) -> dict:
+def from_pretrained(task, state: dict, weights: dict | None = None) -> dict:
     """A fresh state whose trained parameters (and their EMA) start from the task's pretrained
-    weights where it has them (full fine-tuning, a ControlNet copied from its U-Net)."""
-    weights = _pretrained(task)
+    weights where it has them (full fine-tuning, a ControlNet copied from its U-Net), or from
+    `weights` ({path: array}, a warm start: init_weights)."""
+    weights = _pretrained(task) if weights is None else weights
     if not weights:
         return state
 
@@ -112,6 +113,26 @@ def from_pretrained(task, state: dict) -> dict:
         return nnx.from_flat_state(out)
 
     return {**state, "params": fill(state["params"]), "ema": fill(state["ema"])}
+
+
+def init_weights(task, path: str) -> dict:
+    """{path: array} to warm-start every parameter of `task`'s model from a text-to-image
+    workdir (its latest EMA weights) or pipeline folder (config key `init_from`): continued
+    training with a fresh optimizer and schedule. The two models must have the same parameters
+    (names and shapes; from_pretrained checks shapes)."""
+    from diffusion.adapters import base  # adapters build on this module
+
+    weights = base.flat_params(base.load_base(path)[1])
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+    ours = {p for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    missing, extra = sorted(ours - set(weights)), sorted(set(weights) - ours)
+    if missing or extra:
+        name = lambda ps: [".".join(map(str, p)) for p in ps[:6]]
+        raise ValueError(
+            f"init_from={path}: its model is not this config's (parameters only here: "
+            f"{name(missing)}; only there: {name(extra)})"
+        )
+    return weights
 
 
 def ema_update(ema, params, decay: float, step, warmup: bool = False):
