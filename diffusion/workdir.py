@@ -67,9 +67,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def check_new_folder(path: str, label: str = "") -> None:
+    """Refuse a write_new_folder target that exists and is not an empty folder (`label` names
+    it in the error, e.g. "export target "); callers check before any long work."""
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{label}{path} exists and is not empty; choose a new folder")
+
+
 def write_new_folder(path: str, write) -> str:
     """`write(tmp)` fills a new folder beside `path` (with a plain folder's permissions), which
-    is then renamed to `path` (absent or empty: the caller checks), so nothing is left
+    is then renamed to `path` (absent or empty: check_new_folder), so nothing is left
     half-written; on any error the partial folder is removed. Returns path."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from diffusion import pipelines, samplers
 from diffusion.pipelines import images
-from diffusion.workdir import write_new_folder
+from diffusion.workdir import check_new_folder, write_new_folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pipeline", None, "diffusers pipeline folder (model_index.json)")
@@ -93,8 +93,7 @@ def check(s: dict):
     for key in ("pipeline", "prompt", "out"):
         if not s.get(key):
             raise ValueError(f"--{key} is required")
-    if os.path.exists(s["out"]) and (not os.path.isdir(s["out"]) or os.listdir(s["out"])):
-        raise ValueError(f"--out {s['out']} exists and is not an empty folder")
+    check_new_folder(s["out"], "--out ")
     for key in ("steps", "num_images", "batch_size", "frames"):
         if s[key] < 1:
             raise ValueError(f"--{key} must be >= 1, got {s[key]}")

@@ -5,6 +5,7 @@ bad-input errors of issue 12."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -200,9 +201,12 @@ def test_generate_cli(tiny_folder, tmp_path):  # noqa: F811
                                out=str(tmp_path / "travel"))  # fmt: skip
     assert travel["files"][-1] == "travel.gif" and len(travel["files"]) == 4
     # bad input: nothing is written, no temporary folder is left behind
-    for bad in (dict(out=str(out)), dict(strength=1.5, image=str(out / "image_000.png")),
-                dict(mask=str(out / "image_000.png")), dict(height=7)):  # fmt: skip
-        with pytest.raises(ValueError):
+    for bad, error in ((dict(out=str(out)), r"FileExistsError: --out .* is not empty"),
+                       (dict(strength=1.5, image=str(out / "image_000.png")), "ValueError"),
+                       (dict(mask=str(out / "image_000.png")), "ValueError"),
+                       (dict(height=7), "ValueError")):  # fmt: skip
+        with pytest.raises((ValueError, FileExistsError)) as e:
             generate.generate(**{"pipeline": tiny_folder, "prompt": "a cat",
                                  "out": str(tmp_path / "bad"), "steps": 2, **bad})  # fmt: skip
+        assert re.search(error, f"{e.type.__name__}: {e.value}"), e.value
     assert sorted(os.listdir(tmp_path)) == ["out", "travel"]

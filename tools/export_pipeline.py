@@ -28,7 +28,7 @@ import shutil
 from diffusion import latent, models, tasks
 from diffusion.data import tokenizer as tokenizers
 from diffusion.train_state import restore_ema
-from diffusion.workdir import read_config, write_new_folder
+from diffusion.workdir import check_new_folder, read_config, write_new_folder
 
 PIPELINES = {"UNet2DConditionModel": "StableDiffusionPipeline",
              "SD3Transformer2DModel": "StableDiffusion3Pipeline"}  # fmt: skip
@@ -64,7 +64,7 @@ def _check(task, out: str):
         raise ValueError("the run must be text-conditioned with a CLIP BPE tokenizer to export")
     if task.model.class_name not in PIPELINES:
         raise ValueError(f"cannot export a {task.model.class_name}; exportable: {list(PIPELINES)}")
-    _check_out(out)
+    check_new_folder(out, "export target ")
 
 
 def _save_tokenizer(text, path: str):
@@ -88,17 +88,12 @@ def _set_sample_size(path: str, size: int):
         json.dump(cfg, f, indent=2, sort_keys=True)
 
 
-def _check_out(out: str):
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"export target {out} exists and is not empty; choose a new folder")
-
-
 def export_vae(workdir: str, out: str, step: int | None = None, dtype=None) -> str:
     """A VAE training run (task "autoencoder") as a diffusers AutoencoderKL folder whose
     scaling_factor is measured as latent diffusion configs' "auto" does (1 / std of the latents
     of the run's first train images), so `--config.latents.vae=out` trains as on the workdir."""
     cfg = read_config(workdir)
-    _check_out(out)
+    check_new_folder(out, "export target ")
     vae, step = restore_ema(cfg, tasks.from_config(cfg), workdir, step)
     scale = latent.measure_scale(vae, cfg.data.name, cfg.data.get("data_dir") or None)
     vae.config = dataclasses.replace(vae.config, scaling_factor=scale, shift_factor=None)

@@ -27,7 +27,7 @@ from diffusion.models import ldm_keys
 from diffusion.models.presets import class_name
 from diffusion.pipelines import loading
 from diffusion.pipelines import single_file_layout as layout
-from diffusion.workdir import write_new_folder
+from diffusion.workdir import check_new_folder, write_new_folder
 
 # safetensors dtype names <-> numpy (bfloat16 through ml_dtypes, as safetensors' numpy backend).
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -155,8 +155,7 @@ def save_pipeline_folder(pipe, path: str) -> str:
     networks with models.save_diffusers and their original config.json dicts, tokenizers,
     scheduler_config.json and model_index.json. Written beside `path` and renamed into place;
     `path` must not exist or be empty."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise FileExistsError(f"{path} exists and is not empty; choose a new folder")
+    check_new_folder(path)
 
     def write(tmp):
         classes = {}
