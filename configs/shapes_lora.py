@@ -15,7 +15,11 @@ the 32 standard evaluation prompts (experiments/eval_text2img.py), which should 
 of the base's. It also writes the adapters as a diffusers LoRA file (lora/), which
 `StableDiffusionPipeline.load_lora_weights` reads on the exported base folder. Results: see
 benchmarks/results/shapes_lora/ once run. `:runlocal` trains 6 steps on 8 images (tests).
-`:mmdit` is for an SD3-style base (configs/shapes_ldm_mmdit.py; see on_mmdit).
+`:mmdit` is for an SD3-style base (configs/shapes_ldm_mmdit.py; see on_mmdit). `:prior` adds
+the prior-preservation loss on 256 ordinary shapes images with their captions
+(finetune.prior.prompts = "real"), which keeps the adapters from pulling every prompt towards
+purple; `--config.finetune.prior.prompts=ordinary` uses the base's samples of those captions
+instead (DreamBooth's way; it kept the colours but cost the outlines: results README).
 """
 
 import ml_collections
@@ -48,7 +52,8 @@ def finetune(kind, num_images, method="lora"):
                  "targets": {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}},
         "train_text_encoder": False,
         "concept": {"kind": kind, "num_images": num_images, "seed": 0, "image_size": None},
-        "prior": {"num_images": 0, "weight": 1.0, "method": "dpmpp_2m", "num_steps": 25},
+        "prior": {"num_images": 0, "prompts": "class", "weight": 1.0, "method": "dpmpp_2m",
+                  "num_steps": 25},
     }  # fmt: skip
 
 
@@ -89,14 +94,18 @@ def on_mmdit(c):
 
 
 def get_config(arg=None):
-    v = common.parse(arg, flags=("runlocal", "mmdit"))
+    v = common.parse(arg, flags=("runlocal", "mmdit", "prior"))
     c = ml_collections.ConfigDict()
     c.name = "shapes_lora"
     c.task = "finetune"
     c.data = {"batch_size": 32, "data_dir": placeholder(str)}
     c.finetune = finetune("new_color", 512)
+    if v.prior:  # each batch pairs 32 purple examples with 32 ordinary shapes images
+        c.finetune.prior.num_images, c.finetune.prior.prompts = 256, "real"
     if v.runlocal:
         c.finetune.concept.num_images = 8
         c.finetune.lora.rank = 2
+        c.finetune.prior.num_images = 4 if v.prior else 0
+        c.finetune.prior.num_steps = 2
     c = common_settings(c, PROMPTS, 1000, v.runlocal)
     return on_mmdit(c) if v.mmdit else c

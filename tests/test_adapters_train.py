@@ -21,6 +21,7 @@ from PIL import Image
 from configs import shapes_dreambooth, shapes_lora
 from diffusion import checkpoint, tasks
 from diffusion.adapters import base, concepts, finetune, lora
+from diffusion.data import shapes
 from diffusion.train_state import restore_ema
 from diffusion.workdir import read_config
 
@@ -138,6 +139,35 @@ def test_dreambooth_runs_with_prior_and_builds_both_datasets(tiny_ldm, tmp_path)
     batch = _first_batch(tasks.from_config(cfg), cfg.data)
     assert all(concepts.SUBJECT_TOKEN in c for c in map(str, batch["caption"]))
     assert "prior_latent" not in batch
+
+
+def test_lora_prior_pairs_the_new_colour_with_ordinary_captions(tiny_ldm):
+    """A new colour's prior: the base's samples of ordinary captions (not class prompts, which
+    would still say "purple"), or (prompts "real", shapes_lora:prior) ordinary images."""
+    cfg = shapes_lora.get_config("runlocal,prior")
+    assert cfg.finetune.prior.prompts == "real"
+    cfg.finetune.base, cfg.data.data_dir = str(tiny_ldm[1]), str(tiny_ldm[2])
+    cfg.finetune.prior.prompts = "ordinary"
+    task = tasks.from_config(cfg)
+    batch = _first_batch(task, cfg.data)
+    assert all("purple" in c for c in map(str, batch["caption"]))
+    ordinary = concepts.examples("ordinary", task.prior.num_images, task.prior.seed + 1000)[1]
+    assert not any("purple" in c or concepts.SUBJECT_TOKEN in c for c in ordinary)
+    kinds = lambda c: sum(c.count(k) for k in shapes.SHAPES)
+    assert {kinds(c) for c in concepts.examples("ordinary", 16, 0)[1]} == {1, 2}  # 1-2 shapes
+    assert set(map(str, batch["prior_caption"])) <= set(ordinary)
+    assert batch["prior_latent"].shape == batch["latent"].shape
+    # "real": the prior's latents are the ordinary images themselves, encoded
+    cfg.finetune.prior.prompts = "real"
+    task = tasks.from_config(cfg)
+    batch = _first_batch(task, cfg.data)
+    images, captions = concepts.examples("ordinary", task.prior.num_images, task.prior.seed + 1000)
+    want = task.latents.encode_unscaled(images.astype(np.float32) / 127.5 - 1.0)
+    for latent, caption in zip(batch["prior_latent"], map(str, batch["prior_caption"])):
+        np.testing.assert_allclose(latent, want[captions.index(caption)], atol=1e-5)
+    cfg.finetune.prior.prompts = "classes"
+    with pytest.raises(ValueError, match=r"'class', 'ordinary', 'real'"):
+        tasks.from_config(cfg)
 
 
 def test_prior_preservation_loss_is_eq_2(tiny_ldm):

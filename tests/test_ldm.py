@@ -35,6 +35,14 @@ def mmdit_run(runs):
     return ldm_dir.parent / "mmdit"
 
 
+@pytest.fixture(scope="module")
+def sd3_folder(mmdit_run, tmp_path_factory):
+    """The MMDiT run exported as a StableDiffusion3Pipeline folder (fp32), once per module."""
+    from tools import export_pipeline
+
+    return export_pipeline.export(str(mmdit_run), str(tmp_path_factory.mktemp("x") / "sd3"))
+
+
 def test_latent_unet_trains_on_cached_latents(runs):
     vae_dir, ldm_dir, data_dir, summary = runs
     assert summary["checkpoints"] == [6, 12]
@@ -154,18 +162,15 @@ def _ours(workdir, prompts, x_T, **sample_kw):
     return np.clip((np.asarray(task.to_pixels(z)) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, tmp_path):
+def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, sd3_folder):
     """StableDiffusion3Pipeline (two CLIPs, no T5, max_sequence_length=0) on the exported MMDiT
     run, with our initial latents and its FlowMatchEulerDiscreteScheduler, draws our images at
     guidance 1 and 3."""
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    from tools import export_pipeline
-
-    out = export_pipeline.export(str(mmdit_run), str(tmp_path / "sd3"))
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        out, text_encoder_3=None, tokenizer_3=None, local_files_only=True
+        sd3_folder, text_encoder_3=None, tokenizer_3=None, local_files_only=True
     )  # diffusers' documented way to load SD3 without T5
     prompts = ["a green diamond at the top on a brown background", "a cyan square"]
     x_T = np.random.default_rng(1).standard_normal((2, 16, 16, 4)).astype(np.float32)
@@ -262,7 +267,7 @@ def test_clip_bpe_tokenizer_matches_transformers_and_encodes_any_word(tmp_path):
         tokenizer.from_config({"kind": "clip", "path": str(tmp_path / "none"), "max_length": 8})
 
 
-def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, tmp_path):
+def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, sd3_folder, tmp_path):
     """DreamBooth-LoRA with prior preservation from an SD3-style (MMDiT, rectified flow) run: the
     class images come from the base's flow sampler, the adapters go into the MMDiT's joint
     attention, and only they train (the base weights come back unchanged)."""
@@ -301,12 +306,10 @@ def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
     from diffusion.adapters import finetune
-    from tools import export_pipeline
 
     path = finetune.export_lora(str(tmp_path / "db"), str(tmp_path / "lora"))
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        export_pipeline.export(str(mmdit_run), str(tmp_path / "sd3")), text_encoder_3=None,
-        tokenizer_3=None, torch_dtype=torch.float32, local_files_only=True,
+        sd3_folder, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32, local_files_only=True,
     )  # fmt: skip
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
@@ -337,14 +340,12 @@ def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, tmp_path):
         tasks.from_config(both)
 
 
-def test_sd3_export_is_a_finetuning_base(mmdit_run, tmp_path):
+def test_sd3_export_is_a_finetuning_base(mmdit_run, sd3_folder):
     """The MMDiT run's SD3 export, as a fine-tuning base, is the run itself: same model and
     prompt layout, same weights, same token ids, same latent scale."""
     from diffusion.adapters import base
-    from tools import export_pipeline
 
-    folder = export_pipeline.export(str(mmdit_run), str(tmp_path / "sd3"))
-    (t1, m1), (t2, m2) = base.load_base(folder), base.load_base(str(mmdit_run))
+    (t1, m1), (t2, m2) = base.load_base(sd3_folder), base.load_base(str(mmdit_run))
     assert t1.model == t2.model and t1.schedule == t2.schedule
     for f in ("encoder", "encoder_2", "hidden_state", "pooled_as", "context_dim", "null_tokens"):
         assert getattr(t1.conditioning, f) == getattr(t2.conditioning, f), f
@@ -362,7 +363,7 @@ def test_sd3_export_is_a_finetuning_base(mmdit_run, tmp_path):
     assert t1.latents.scaling_factor == pytest.approx(t2.latents.scaling_factor)
 
 
-def test_fp16_sd3_export_samples_in_diffusers_as_the_fp32_one(mmdit_run, tmp_path):
+def test_fp16_sd3_export_samples_in_diffusers_as_the_fp32_one(mmdit_run, sd3_folder, tmp_path):
     """experiments.eval_exported's diffusers sampling on an fp16 export (the committed pipeline's
     format) runs in float32 and draws the fp32 export's images to within the weights' rounding."""
     from experiments import eval_exported
@@ -370,8 +371,8 @@ def test_fp16_sd3_export_samples_in_diffusers_as_the_fp32_one(mmdit_run, tmp_pat
 
     prompts = ["a red circle at the top on a gray background"]
     images = {}
-    for dtype in ("float16", None):
-        folder = export_pipeline.export(str(mmdit_run), str(tmp_path / str(dtype)), dtype=dtype)
+    fp16 = export_pipeline.export(str(mmdit_run), str(tmp_path / "fp16"), dtype="float16")
+    for dtype, folder in (("float16", fp16), (None, sd3_folder)):
         images[dtype] = eval_exported._diffusers_images(folder, prompts, 2, 3, 3.0, seed=0)
     assert images[None].shape == (1, 2, 32, 32, 3)
     diff = np.abs(images["float16"] - images[None]).max()

@@ -76,10 +76,19 @@ def class_prompt(caption: str) -> str:
     return caption.replace(f"{SUBJECT_TOKEN} ", "")
 
 
+def ordinary_example(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, str]:
+    """(image, caption) of an ordinary generator example (one or two shapes, training colours):
+    the prompts (or images) of a prior for a concept a class prompt cannot drop (a new colour)."""
+    ex = shapes.make_example(rng, size)
+    return ex["image"], ex["caption"]
+
+
 def examples(kind: str, n: int, seed: int, size: int = 32) -> tuple[np.ndarray, list[str]]:
-    """n (images (n, size, size, 3) uint8, captions) of `kind` "new_color" | "subject"; example
-    i comes from default_rng([seed, 15, i]) (an index stream the dataset splits do not use)."""
-    make = {"new_color": new_color_example, "subject": subject_example}
+    """n (images (n, size, size, 3) uint8, captions) of `kind` "new_color" | "subject" |
+    "ordinary"; example i comes from default_rng([seed, 15, i]) (an index stream the dataset
+    splits do not use)."""
+    make = {"new_color": new_color_example, "subject": subject_example,
+            "ordinary": ordinary_example}  # fmt: skip
     if kind not in make:
         raise ValueError(f"unknown concept {kind!r}; valid: {sorted(make)}")
     pairs = [make[kind](np.random.default_rng([seed, 15, i]), size) for i in range(n)]

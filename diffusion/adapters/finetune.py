@@ -17,6 +17,9 @@ images, and each step minimises
     L = E ||eps_hat(x_t, c_inst) - eps||^2 + prior.weight * E ||eps_hat(x'_t, c_cls) - eps'||^2
 
 over B instance and B class examples in one network call (diffusers' train_dreambooth.py).
+For a concept a class prompt cannot name without it (a new colour: configs/shapes_lora.py:prior)
+`prior.prompts="ordinary"` makes the prior the base's samples of ordinary training captions, and
+"real" ordinary generator images with their captions (a regularisation set, as kohya's).
 Class latents are kept as the sampler returns them (diffusers decodes them to images and
 re-encodes; the VAE round trip is skipped here).
 """
@@ -41,6 +44,9 @@ from diffusion.adapters import base, concepts, lora
 COMPONENTS = {"unet": "denoiser", "transformer": "denoiser", "text_encoder": "text_encoder"}
 
 
+PRIOR_PROMPTS = ("class", "ordinary", "real")  # finetune.prior.prompts (Prior)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
     rank: int = 4
@@ -60,9 +66,12 @@ class Concept:
 
 @dataclasses.dataclass(frozen=True)
 class Prior:
-    """DreamBooth prior preservation; num_images 0 turns it off."""
+    """DreamBooth prior preservation; num_images 0 turns it off. `prompts`: "class" (the base's
+    samples of the concept captions without the rare token, DreamBooth), "ordinary" (the base's
+    samples of ordinary generator captions) or "real" (ordinary generator images themselves)."""
 
     num_images: int = 0
+    prompts: str = "class"
     weight: float = 1.0
     method: str = "dpmpp_2m"
     num_steps: int = 25
@@ -88,6 +97,9 @@ class FineTuneTask(tasks.DiffusionTask):
         unknown = [c for c, _ in self.lora.targets if c not in COMPONENTS]
         if unknown:
             raise ValueError(f"LoRA targets for {unknown}; components: {sorted(COMPONENTS)}")
+        if self.prior.prompts not in PRIOR_PROMPTS:
+            raise ValueError(f"finetune.prior.prompts={self.prior.prompts!r}; valid: "
+                             f"{list(PRIOR_PROMPTS)}")  # fmt: skip
         if {"unet", "transformer"} <= {c for c, _ in self.lora.targets}:
             raise ValueError(
                 "LoRA targets name both 'unet' and 'transformer' (one denoiser): "
@@ -201,16 +213,25 @@ def _write(task: FineTuneTask, name: str, out: str, n: int) -> None:
     from diffusion.data.latents import LatentCache
 
     c, p = task.concept, task.prior
+
+    def encode(images):
+        if c.image_size:
+            images = np.stack([resize_uint8(im, c.image_size) for im in images])
+        return task.latents.encode_unscaled(images.astype(np.float32) / 127.5 - 1.0)
+
     images, captions = concepts.examples(c.kind, c.num_images, c.seed)
-    if c.image_size:
-        images = np.stack([resize_uint8(im, c.image_size) for im in images])
-    latents = task.latents.encode_unscaled(images.astype(np.float32) / 127.5 - 1.0)
+    latents = encode(images)
     features = {"latent": tfds.features.Tensor(shape=latents.shape[1:], dtype=np.float32),
                 "caption": tfds.features.Text()}  # fmt: skip
     if p.num_images:
-        _, class_captions = concepts.examples(c.kind, p.num_images, p.seed + 1000)
-        class_captions = [concepts.class_prompt(t) for t in class_captions]
-        prior = _sample_latents(task, class_captions, latents.shape[1:])
+        kind = c.kind if p.prompts == "class" else "ordinary"
+        prior_images, class_captions = concepts.examples(kind, p.num_images, p.seed + 1000)
+        if p.prompts == "real":
+            prior = encode(prior_images)
+        else:
+            if p.prompts == "class":
+                class_captions = [concepts.class_prompt(t) for t in class_captions]
+            prior = _sample_latents(task, class_captions, latents.shape[1:])
         features |= {"prior_latent": features["latent"], "prior_caption": tfds.features.Text()}
 
     def generate():
