@@ -10,7 +10,9 @@ the base model generates; LoRA (default) or full U-Net fine-tuning.
     python -m experiments.eval_finetune --workdir /work/runs/shapes_db_prior
     python -m experiments.eval_finetune --workdir /work/runs/shapes_db_noprior
     (add ,method=full to both for full fine-tuning; ,mmdit for an SD3-style base such as
-    configs/shapes_ldm_mmdit.py: adapters on its joint attention, Euler class images)
+    configs/shapes_ldm_mmdit.py: adapters on its joint attention, Euler class images;
+    --config.finetune.prior.prompts=real for ordinary shapes images as the prior instead of
+    class images, which kept the margins better on the MMDiT base)
 
 eval_finetune measures the share of samples of 16 "a sks square ..." prompts that show the
 subject (concepts.is_subject), the judge's adherence on 16 ordinary "a <colour> square ..."
