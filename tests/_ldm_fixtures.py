@@ -75,3 +75,20 @@ def jit_call(fn, model):
 
     graphdef, state = nnx.split(model)
     return jax.jit(lambda st: fn(nnx.merge(graphdef, st)))(state)
+
+
+def ours_images(workdir, prompts, x_T, **sample_kw):
+    """Our images in [0, 1] for prompts from initial latents x_T (NHWC), the run's EMA weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion import tasks
+    from diffusion.train_state import restore_ema
+    from diffusion.workdir import read_config
+
+    cfg = read_config(str(workdir))
+    task = tasks.from_config(cfg)
+    model, _ = restore_ema(cfg, task, str(workdir))
+    cond = {"input_ids": jnp.asarray(task.conditioning.tokenizer(prompts))}
+    z = task.sample(model, jax.random.key(0), cond, x_T.shape, x_T=jnp.asarray(x_T), **sample_kw)
+    return np.clip((np.asarray(task.to_pixels(z)) + 1.0) / 2.0, 0.0, 1.0)

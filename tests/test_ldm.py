@@ -1,7 +1,8 @@
 """Latent text-to-image end to end on a tiny run: a VAE trained a few steps, the SD1-style latent
 U-Net config (:runlocal, shortened) trained on its latent cache, evaluated by the shapes judge,
 exported as a diffusers folder that StableDiffusionPipeline loads offline and samples the same
-images from as we do (same initial latents and scheduler); and the bad input users hit."""
+images from as we do (same initial latents and scheduler); and the bad input users hit. The
+SD3-style (MMDiT) config's tests: test_ldm_sd3.py."""
 
 import json
 
@@ -9,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _ldm_fixtures import short as _short
-from flax import nnx
+from _ldm_fixtures import ours_images
 
-from configs import common, shapes_ldm_mmdit, shapes_ldm_unet, shapes_mmdit_flow
-from diffusion import latent, tasks, train, workdir
+from configs import common, shapes_ldm_unet, shapes_mmdit_flow
+from diffusion import latent, tasks, workdir
 from diffusion.train_state import restore_ema
 from diffusion.workdir import read_config
 
@@ -23,24 +23,6 @@ def runs(tiny_ldm):
     """(vae workdir, ldm workdir, data_dir, summary): the VAE trains 4 steps, the LDM 12 on its
     latents (tests/_ldm_fixtures.py, shared with test_adapters_train.py)."""
     return tiny_ldm
-
-
-@pytest.fixture(scope="module")
-def mmdit_run(runs):
-    """The SD3-style latent MMDiT config (:runlocal) trained 4 steps on the same VAE."""
-    vae_dir, ldm_dir, data_dir, _ = runs
-    cfg = _short(shapes_ldm_mmdit.get_config("runlocal"), data_dir, 4)
-    cfg.latents.vae = str(vae_dir)
-    train.train(cfg, str(ldm_dir.parent / "mmdit"))
-    return ldm_dir.parent / "mmdit"
-
-
-@pytest.fixture(scope="module")
-def sd3_folder(mmdit_run, tmp_path_factory):
-    """The MMDiT run exported as a StableDiffusion3Pipeline folder (fp32), once per module."""
-    from tools import export_pipeline
-
-    return export_pipeline.export(str(mmdit_run), str(tmp_path_factory.mktemp("x") / "sd3"))
 
 
 def test_latent_unet_trains_on_cached_latents(runs):
@@ -90,7 +72,6 @@ def test_caption_use_errors_match_the_samplers_denoiser(runs):
     """eval_caption_use's x0 error with the own caption equals the one computed through the
     sampling path (task.denoiser at guidance 1) from the same noise, and so does the error with
     the empty prompt (tokenized here, not taken from the conditioning's null)."""
-    import jax
     import jax.numpy as jnp
 
     from diffusion import tasks
@@ -142,7 +123,7 @@ def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path):
             want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance,
                         output_type="np",
                         latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2))).images  # fmt: skip
-        got = _ours(ldm_dir, prompts, x_T, method="dpmpp_2m", num_steps=4,
+        got = ours_images(ldm_dir, prompts, x_T, method="dpmpp_2m", num_steps=4,
                     guidance_scale=guidance, grid="trailing")  # fmt: skip
         assert want.shape == got.shape == (2, 32, 32, 3)
         assert np.abs(got - want).max() <= 2e-3, guidance
@@ -150,39 +131,6 @@ def test_export_loads_in_diffusers_and_matches_our_samples(runs, tmp_path):
         ours = ours_pipe.text_to_image(prompts, num_steps=4, guidance_scale=guidance,
                                        latents=jnp.asarray(x_T))  # fmt: skip
         assert np.abs(np.asarray(ours) - want).max() <= 2e-3, guidance
-
-
-def _ours(workdir, prompts, x_T, **sample_kw):
-    """Our images in [0, 1] for prompts from initial latents x_T (NHWC), the run's EMA weights."""
-    cfg = read_config(str(workdir))
-    task = tasks.from_config(cfg)
-    model, _ = restore_ema(cfg, task, str(workdir))
-    cond = {"input_ids": jnp.asarray(task.conditioning.tokenizer(prompts))}
-    z = task.sample(model, jax.random.key(0), cond, x_T.shape, x_T=jnp.asarray(x_T), **sample_kw)
-    return np.clip((np.asarray(task.to_pixels(z)) + 1.0) / 2.0, 0.0, 1.0)
-
-
-def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, sd3_folder):
-    """StableDiffusion3Pipeline (two CLIPs, no T5, max_sequence_length=0) on the exported MMDiT
-    run, with our initial latents and its FlowMatchEulerDiscreteScheduler, draws our images at
-    guidance 1 and 3."""
-    import torch
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        sd3_folder, text_encoder_3=None, tokenizer_3=None, local_files_only=True
-    )  # diffusers' documented way to load SD3 without T5
-    prompts = ["a green diamond at the top on a brown background", "a cyan square"]
-    x_T = np.random.default_rng(1).standard_normal((2, 16, 16, 4)).astype(np.float32)
-    for guidance in (1.0, 3.0):
-        with torch.no_grad():
-            want = pipe(prompts, num_inference_steps=4, guidance_scale=guidance,
-                        output_type="np", latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2)),
-                        max_sequence_length=0).images  # fmt: skip
-        got = _ours(mmdit_run, prompts, x_T, method="euler", num_steps=4,
-                    guidance_scale=guidance)  # fmt: skip
-        assert want.shape == got.shape == (2, 32, 32, 3)
-        assert np.abs(got - want).max() <= 2e-3, guidance
 
 
 def test_bad_input(runs, tmp_path):
@@ -265,118 +213,6 @@ def test_clip_bpe_tokenizer_matches_transformers_and_encodes_any_word(tmp_path):
     assert ref.unk_token_id not in ref("purple hexagon").input_ids[1:-1]
     with pytest.raises(FileNotFoundError, match="built-in"):
         tokenizer.from_config({"kind": "clip", "path": str(tmp_path / "none"), "max_length": 8})
-
-
-def test_dreambooth_lora_on_the_mmdit_base(runs, mmdit_run, sd3_folder, tmp_path):
-    """DreamBooth-LoRA with prior preservation from an SD3-style (MMDiT, rectified flow) run: the
-    class images come from the base's flow sampler, the adapters go into the MMDiT's joint
-    attention, and only they train (the base weights come back unchanged)."""
-    from _ldm_fixtures import finetune_run, flat_params
-
-    from configs import shapes_dreambooth, shapes_lora
-    from diffusion.adapters import lora
-
-    _, _, data_dir, _ = runs
-    cfg = shapes_dreambooth.get_config("runlocal,prior=true,mmdit")
-    assert cfg.finetune.prior.method == cfg.sample.method == "euler"  # the base's flow sampler
-    summary = finetune_run(cfg, "finetune", (None, mmdit_run, data_dir, None), tmp_path / "db")
-    assert np.isfinite(summary["final_loss"])
-    cfg = read_config(str(tmp_path / "db"))
-    task = tasks.from_config(cfg)
-    assert task.model.class_name == "SD3Transformer2DModel" and task.schedule.family == "flow"
-    tuned, _ = restore_ema(cfg, task, str(tmp_path / "db"))
-    ups = {p: v for p, v in flat_params(tuned.denoiser, lora.LoRAParam).items() if p[-1] == "up"}
-    names = {t.split(".")[0] for t in shapes_lora.MMDIT_TARGETS}  # to_out.0 -> ("to_out", 0)
-    hit = [names & set(map(str, p)) for p in ups]
-    assert all(len(h) == 1 for h in hit) and set().union(*hit) == names, list(ups)
-    # up starts at 0; every adapter trained but the last block's text queries, whose outputs
-    # SD3's last block discards (context_pre_only), so they get no gradient (as in diffusers)
-    last = max(p[1] for p in ups)
-    zero = [p for p, u in ups.items() if not np.abs(u).max() > 0]
-    assert zero == [p for p in ups if p[1] == last and "add_q_proj" in p], zero
-    want = flat_params(task.base()[1])
-    got = flat_params(tuned, nnx.All(nnx.Param, nnx.Not(lora.LoRAParam)))
-    assert got.keys() == want.keys()
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
-
-    # The adapters as a diffusers LoRA file ("transformer." / "text_encoder." keys):
-    # StableDiffusion3Pipeline.load_lora_weights on the base's export gives our MMDiT's outputs.
-    import torch
-    from diffusers import StableDiffusion3Pipeline
-
-    from diffusion.adapters import finetune
-
-    path = finetune.export_lora(str(tmp_path / "db"), str(tmp_path / "lora"))
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        sd3_folder, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32, local_files_only=True,
-    )  # fmt: skip
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
-    ctx = rng.standard_normal((2, 9, 64)).astype(np.float32)
-    pooled, t = (
-        rng.standard_normal((2, 64)).astype(np.float32),
-        np.array([300.0, 800.0], np.float32),
-    )
-
-    def ref():
-        with torch.no_grad():
-            out = pipe.transformer(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                                   encoder_hidden_states=torch.from_numpy(ctx),
-                                   pooled_projections=torch.from_numpy(pooled),
-                                   timestep=torch.from_numpy(t)).sample  # fmt: skip
-        return out.numpy().transpose(0, 2, 3, 1)
-
-    before = ref()
-    pipe.load_lora_weights(path)
-    want = ref()
-    ours = np.asarray(tuned.denoiser(*map(jnp.asarray, (x, ctx, pooled, t))))
-    assert np.abs(want - before).max() > 1e-3  # the file changed diffusers' model
-    np.testing.assert_allclose(ours, want, atol=1e-4 * np.abs(want).max())
-
-    both = read_config(str(tmp_path / "db"))
-    both.finetune.lora.targets.unet = ["to_q"]
-    with pytest.raises(ValueError, match="both 'unet' and 'transformer'"):
-        tasks.from_config(both)
-
-
-def test_sd3_export_is_a_finetuning_base(mmdit_run, sd3_folder):
-    """The MMDiT run's SD3 export, as a fine-tuning base, is the run itself: same model and
-    prompt layout, same weights, same token ids, same latent scale."""
-    from diffusion.adapters import base
-
-    (t1, m1), (t2, m2) = base.load_base(sd3_folder), base.load_base(str(mmdit_run))
-    assert t1.model == t2.model and t1.schedule == t2.schedule
-    for f in ("encoder", "encoder_2", "hidden_state", "pooled_as", "context_dim", "null_tokens"):
-        assert getattr(t1.conditioning, f) == getattr(t2.conditioning, f), f
-    assert (
-        t1.objective.prediction_type == "velocity" and t1.objective.time_density == "logit_normal"
-    )
-    p1, p2 = base.flat_params(m1), base.flat_params(m2)
-    assert p1.keys() == p2.keys()
-    for k in p1:
-        np.testing.assert_array_equal(np.asarray(p1[k]), np.asarray(p2[k]), err_msg=str(k))
-    prompt = ["a red circle at the top on a gray background"]
-    np.testing.assert_array_equal(
-        t1.conditioning.tokenizer(prompt), t2.conditioning.tokenizer(prompt)
-    )
-    assert t1.latents.scaling_factor == pytest.approx(t2.latents.scaling_factor)
-
-
-def test_fp16_sd3_export_samples_in_diffusers_as_the_fp32_one(mmdit_run, sd3_folder, tmp_path):
-    """experiments.eval_exported's diffusers sampling on an fp16 export (the committed pipeline's
-    format) runs in float32 and draws the fp32 export's images to within the weights' rounding."""
-    from experiments import eval_exported
-    from tools import export_pipeline
-
-    prompts = ["a red circle at the top on a gray background"]
-    images = {}
-    fp16 = export_pipeline.export(str(mmdit_run), str(tmp_path / "fp16"), dtype="float16")
-    for dtype, folder in (("float16", fp16), (None, sd3_folder)):
-        images[dtype] = eval_exported._diffusers_images(folder, prompts, 2, 3, 3.0, seed=0)
-    assert images[None].shape == (1, 2, 32, 32, 3)
-    diff = np.abs(images["float16"] - images[None]).max()
-    assert 0 < diff < 2e-2, diff
 
 
 def test_committed_shapes_vae_reconstructs_shapes():
