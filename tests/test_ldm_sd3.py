@@ -6,7 +6,7 @@ DreamBooth-LoRA on it, whose LoRA file diffusers reads; and warm starts (`init_f
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _ldm_fixtures import flat_params, ours_images, short
+from _ldm_fixtures import finetune_run, flat_params, ours_images, short
 from flax import nnx
 
 from configs import shapes_ldm_mmdit
@@ -52,7 +52,7 @@ def test_sd3_export_loads_in_diffusers_and_matches(mmdit_run, sd3_folder):
                         output_type="np", latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2)),
                         max_sequence_length=0).images  # fmt: skip
         got = ours_images(mmdit_run, prompts, x_T, method="euler", num_steps=4,
-                    guidance_scale=guidance)  # fmt: skip
+                          guidance_scale=guidance)  # fmt: skip
         assert want.shape == got.shape == (2, 32, 32, 3)
         assert np.abs(got - want).max() <= 2e-3, guidance
 
@@ -61,8 +61,6 @@ def test_dreambooth_lora_on_the_mmdit_base(tiny_ldm, mmdit_run, sd3_folder, tmp_
     """DreamBooth-LoRA with prior preservation from an SD3-style (MMDiT, rectified flow) run: the
     class images come from the base's flow sampler, the adapters go into the MMDiT's joint
     attention, and only they train (the base weights come back unchanged)."""
-    from _ldm_fixtures import finetune_run
-
     from configs import shapes_dreambooth, shapes_lora
     from diffusion.adapters import lora
 
@@ -99,7 +97,8 @@ def test_dreambooth_lora_on_the_mmdit_base(tiny_ldm, mmdit_run, sd3_folder, tmp_
 
     path = finetune.export_lora(str(tmp_path / "db"), str(tmp_path / "lora"))
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        sd3_folder, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32, local_files_only=True,
+        sd3_folder, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32,
+        local_files_only=True,
     )  # fmt: skip
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)

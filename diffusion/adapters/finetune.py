@@ -226,11 +226,11 @@ def _write(task: FineTuneTask, name: str, out: str, n: int) -> None:
     if p.num_images:
         kind = c.kind if p.prompts == "class" else "ordinary"
         prior_images, class_captions = concepts.examples(kind, p.num_images, p.seed + 1000)
+        if p.prompts == "class":
+            class_captions = [concepts.class_prompt(t) for t in class_captions]
         if p.prompts == "real":
             prior = encode(prior_images)
         else:
-            if p.prompts == "class":
-                class_captions = [concepts.class_prompt(t) for t in class_captions]
             prior = _sample_latents(task, class_captions, latents.shape[1:])
         features |= {"prior_latent": features["latent"], "prior_caption": tfds.features.Text()}
 
