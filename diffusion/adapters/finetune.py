@@ -206,7 +206,8 @@ def _sample_latents(task: FineTuneTask, prompts: list[str], shape, batch: int = 
 
 
 def _write(task: FineTuneTask, name: str, out: str, n: int) -> None:
-    """Encode the concept images (and sample the class latents) into dataset `name`."""
+    """Encode the concept images, and the prior's latents (sampled from the base, or encoded
+    ordinary images for prompts "real"), into dataset `name`."""
     import tensorflow_datasets as tfds
 
     from diffusion.data.builders import resize_uint8
@@ -225,13 +226,13 @@ def _write(task: FineTuneTask, name: str, out: str, n: int) -> None:
                 "caption": tfds.features.Text()}  # fmt: skip
     if p.num_images:
         kind = c.kind if p.prompts == "class" else "ordinary"
-        prior_images, class_captions = concepts.examples(kind, p.num_images, p.seed + 1000)
+        prior_images, prior_captions = concepts.examples(kind, p.num_images, p.seed + 1000)
         if p.prompts == "class":
-            class_captions = [concepts.class_prompt(t) for t in class_captions]
+            prior_captions = [concepts.class_prompt(t) for t in prior_captions]
         if p.prompts == "real":
             prior = encode(prior_images)
         else:
-            prior = _sample_latents(task, class_captions, latents.shape[1:])
+            prior = _sample_latents(task, prior_captions, latents.shape[1:])
         features |= {"prior_latent": features["latent"], "prior_caption": tfds.features.Text()}
 
     def generate():
@@ -239,7 +240,7 @@ def _write(task: FineTuneTask, name: str, out: str, n: int) -> None:
             ex = {"latent": latents[i % len(latents)], "caption": captions[i % len(latents)]}
             if p.num_images:
                 j = i % p.num_images
-                ex |= {"prior_latent": prior[j], "prior_caption": class_captions[j]}
+                ex |= {"prior_latent": prior[j], "prior_caption": prior_captions[j]}
             yield i, ex
 
     builder = LatentCache(cache_name=name, features=features, split_examples={"train": generate},
