@@ -102,12 +102,20 @@ class DiscreteVP(Schedule):
     0..N-1 sits at t_k = (k + 1) / N and log alpha is linearly interpolated in t between table
     points; t = 0 is added as (log alpha = 0), the clean data. model_time(t) = N t - 1 is the
     (fractional) diffusers timestep index.
+
+    zero_terminal_snr: the table rescaled to zero SNR at the last timestep (Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1; diffusers'
+    `rescale_betas_zero_snr`), so that training at t = 1 sees pure noise as sampling starts from.
+    The last alphas_cumprod is then set to 2**-24 rather than 0, as diffusers' Euler and
+    DPM-Solver schedulers do, which keeps logSNR finite for every sampler. Use with v-prediction
+    (eps carries no information about x0 at zero SNR).
     """
 
     beta_schedule: str = "linear"
     num_train_timesteps: int = 1000
     beta_start: float | None = None
     beta_end: float | None = None
+    zero_terminal_snr: bool = False
     family = "vp"
 
     def __post_init__(self):
@@ -133,7 +141,13 @@ class DiscreteVP(Schedule):
         start = self.beta_start if self.beta_start is not None else lo
         end = self.beta_end if self.beta_end is not None else hi
         betas = betas_for(self.beta_schedule, self.num_train_timesteps, start, end)
-        return np.cumprod(1.0 - betas)
+        abar = np.cumprod(1.0 - betas)
+        if self.zero_terminal_snr:
+            root = np.sqrt(abar)  # shift sqrt(abar) to end at 0, scale it to keep its start
+            root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+            abar = root**2
+            abar[-1] = 2.0**-24
+        return abar
 
     @functools.cached_property
     def _table(self):
@@ -339,12 +353,12 @@ def from_diffusers_config(cfg: dict) -> Schedule:
             shift=float(cfg.get("shift", 1.0)),
             num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
         )
-    if cfg.get("rescale_betas_zero_snr"):
-        raise ValueError("rescale_betas_zero_snr is not supported")
     if cfg.get("trained_betas") is not None:
         raise ValueError("trained_betas is not supported")
     name = cfg.get("beta_schedule", "linear")
     kw = {"num_train_timesteps": int(cfg.get("num_train_timesteps", 1000))}
+    if cfg.get("rescale_betas_zero_snr"):
+        kw["zero_terminal_snr"] = True
     if name != "squaredcos_cap_v2":
         kw |= {k: float(cfg[k]) for k in ("beta_start", "beta_end") if k in cfg}
     return get(name, **kw)

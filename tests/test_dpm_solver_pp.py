@@ -64,6 +64,20 @@ PARITY = [
         8,
     ),
     ("multi", dict(solver_order=2, **FLOW), "dpmpp_2m", {}, 10),
+    # zero terminal SNR (Lin et al. 2024) with v and the trailing grid: the first step at t = 1
+    (
+        "multi",
+        dict(
+            solver_order=2,
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            timestep_spacing="trailing",
+            **SD,
+        ),  # fmt: skip
+        "dpmpp_2m",
+        {},
+        10,
+    ),
     ("sde", dict(solver_order=2), "sde_dpmpp_2m", {}, 10),
     (
         "sde",

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusion import schedules
 
@@ -159,10 +159,27 @@ def test_from_diffusers_config(tmp_path):
     with pytest.raises(ValueError, match="dynamic"):
         schedules.from_diffusers_config(cfg | {"use_dynamic_shifting": True})
     ddpm = dict(DDPMScheduler().config)
-    with pytest.raises(ValueError, match="zero_snr"):
-        schedules.from_diffusers_config(ddpm | {"rescale_betas_zero_snr": True})
     with pytest.raises(ValueError, match="trained_betas"):
         schedules.from_diffusers_config(ddpm | {"trained_betas": [0.1, 0.2]})
+
+
+def test_zero_terminal_snr_matches_diffusers(tmp_path):
+    """The rescaled table is diffusers' rescale_betas_zero_snr one; its last entry is 2**-24 as
+    in DPMSolverMultistepScheduler (DDPMScheduler keeps 0), and sampling's first step sees
+    pure noise to float precision."""
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ddpm = DDPMScheduler(**kw, rescale_betas_zero_snr=True)
+    s = schedules.from_diffusers_config(_saved_config(ddpm, tmp_path))
+    assert s.zero_terminal_snr and s != schedules.get("scaled_linear")
+    ref = ddpm.alphas_cumprod.double().numpy()
+    assert ref[-1] == 0.0
+    # diffusers computes its table in float32: 4e-7 absolute, 4e-5 relative at the noisy end
+    np.testing.assert_allclose(s.alphas_cumprod[:-1], ref[:-1], rtol=1e-4, atol=1e-6)
+    dpm = DPMSolverMultistepScheduler(**kw, rescale_betas_zero_snr=True).alphas_cumprod
+    assert s.alphas_cumprod[-1] == float(dpm[-1]) == 2.0**-24
+    plain = schedules.get("scaled_linear")
+    assert float(plain.alpha(1.0)) > 0.06 and float(s.alpha(1.0)) < 3e-4
+    np.testing.assert_allclose(s.alphas_cumprod[0], plain.alphas_cumprod[0], rtol=1e-12)
 
 
 def test_unknown_names_list_valid_ones():

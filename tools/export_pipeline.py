@@ -50,6 +50,8 @@ def scheduler_config(task) -> dict:
     if s.beta_schedule in defaults:
         start, end = defaults[s.beta_schedule]
         table |= {"beta_start": s.beta_start or start, "beta_end": s.beta_end or end}
+    if s.zero_terminal_snr:
+        table["rescale_betas_zero_snr"] = True
     if sc.method in ("dpmpp_2m", "dpmpp_multistep"):
         return {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
                 "solver_order": 2, "final_sigmas_type": "zero", **table}  # fmt: skip
