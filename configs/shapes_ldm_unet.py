@@ -15,8 +15,11 @@ predicting zero (python -m experiments.eval_caption_use). Trained with v (weight
 in x0 terms) for the same 3000 steps, a wrong caption raises the error by 50-160%, the
 background and the relation are right in every sample and full-prompt adherence rises from
 0.004 to 0.16; trained for 6000 steps it reaches 0.54 (one-shape prompts 0.88; in two-shape
-prompts it mixes up which colour goes where). That model is committed as
-benchmarks/results/shapes_ldm_unet/pipeline; `--config.init_from=` that folder continues it.
+prompts which shape goes to which place is a coin toss), committed as
+benchmarks/results/shapes_ldm_unet/pipeline_6000. `:zero_snr` (SD's table rescaled to zero
+terminal SNR, see below) continued from it for 2500 steps reaches 0.84 and places two shapes as
+their prompt says: committed as benchmarks/results/shapes_ldm_unet/pipeline; continue it with
+`configs/shapes_ldm_unet.py:zero_snr --config.init_from=` that folder.
 `--config.objective.prediction_type=eps` trains SD1's objective.
 
     python -m experiments.train --config configs/shapes_ldm_unet.py --workdir /tmp/shapes_ldm_unet
