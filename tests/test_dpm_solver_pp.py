@@ -73,7 +73,7 @@ PARITY = [
             rescale_betas_zero_snr=True,
             timestep_spacing="trailing",
             **SD,
-        ),  # fmt: skip
+        ),
         "dpmpp_2m",
         {},
         10,
